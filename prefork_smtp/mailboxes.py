@@ -1,0 +1,72 @@
+"""Which mailbox a local recipient lands in, and which names are safe as mailbox files.
+
+Owns: the mailbox naming rule (SPEC §6) and the routing of a recipient address to a
+mailbox (local domains, aliases, allow-list, catch-all, postmaster). Pure functions of
+their arguments: no files, no config object. A refusal is a Rejection naming why; the
+SMTP layer turns it into a reply.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Mapping
+
+# SPEC §6: [a-z0-9._-], never a leading '.', never ending in '.lock', at most 250 octets
+# so that NAME.lock still fits in the 255-octet file name limit.
+MAX_MAILBOX_NAME = 250
+_SAFE_NAME = re.compile(r"[a-z0-9_-][a-z0-9._-]{0,249}")
+
+
+def is_safe_mailbox(name: str) -> bool:
+    return bool(_SAFE_NAME.fullmatch(name)) and not name.endswith(".lock")
+
+
+class Rejection(enum.Enum):
+    NOT_LOCAL = "not a local domain"          # would make us a relay
+    UNKNOWN_USER = "no such mailbox"          # not allowed, unsafe or non-ASCII
+
+
+POSTMASTER = "postmaster"
+
+
+class Router:
+    """Maps (local-part, domain) to a mailbox name or a Rejection."""
+
+    def __init__(self, domains: frozenset[str], *, recipients: frozenset[str] = frozenset(),
+                 aliases: Mapping[str, str] | None = None, catchall: str | None = None):
+        self.domains = frozenset(d.lower().rstrip(".") for d in domains)
+        self.recipients = recipients
+        self.aliases = aliases or {}
+        self.catchall = catchall
+
+    def is_local(self, domain: str | None) -> bool:
+        # A bare local-part is local, as Postfix appends $myorigin to it.
+        return domain is None or domain.lower().rstrip(".") in self.domains
+
+    def route(self, local_part: str, domain: str | None) -> str | Rejection:
+        if not self.is_local(domain):
+            return Rejection.NOT_LOCAL
+        local = local_part.lower()
+        # RFC 5233 sub-addressing: alice+tag is delivered to alice.
+        base = local.split("+", 1)[0] or local
+        for key in self._alias_keys(local, base, domain):
+            if key in self.aliases:
+                return self.aliases[key]
+        if base == POSTMASTER:   # RFC 5321 §4.5.1: postmaster is always accepted
+            return POSTMASTER
+        if base in self.recipients:
+            return base
+        if self.catchall:
+            return self.catchall
+        if not self.recipients and is_safe_mailbox(base):
+            return base
+        return Rejection.UNKNOWN_USER
+
+    @staticmethod
+    def _alias_keys(local: str, base: str, domain: str | None) -> list[str]:
+        keys = []
+        if domain:
+            domain = domain.lower().rstrip(".")
+            keys += [f"{local}@{domain}", f"{base}@{domain}"]
+        return keys + [local, base]

@@ -1,0 +1,466 @@
+"""The SMTP server state machine (RFC 5321), sans-IO.
+
+Owns: turning the bytes a client sends into replies and events, command sequencing,
+limits (line length, size, recipients, errors), DATA framing and dot-unstuffing.
+Must not: touch sockets, clocks, files or loggers. The session feeds bytes in with
+feed() and carries out the events that come back; while a message is being stored
+it buffers input unprocessed, so pipelined commands after DATA are answered in order
+once the session reports stored() or store_failed().
+
+Fails closed: any input yields replies; a protocol violation is an SMTP error reply,
+never an exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Callable, Union
+
+from . import replies as R
+from .addresses import (NULL_PATH, Address, AddressError, NeedsSMTPUTF8, parse_params,
+                        parse_path, split_path_and_params)
+from .config import Config
+from .mailboxes import Rejection, Router
+
+# RFC 5321 §4.5.3.1.4: 512 octets per command line including CRLF; §4.5.3.1.5 lets
+# extensions add to it. SIZE, BODY and SMTPUTF8 together need well under 512 more.
+MAX_COMMAND_LINE = 512 + 512
+# RFC 5321 §6.3 recommends a hop limit; Postfix's hopcount_limit is 50.
+MAX_RECEIVED_HEADERS = 50
+END_OF_DATA = b"\r\n.\r\n"   # §4.1.1.4: only CRLF . CRLF ends DATA (no bare LF forms)
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"      # no HELO/EHLO yet
+    GREETED = "greeted"          # no transaction
+    MAIL = "mail"                # MAIL accepted, no recipient yet
+    RCPT = "rcpt"                # at least one recipient
+    DATA = "data"                # reading message content
+    STORING = "storing"          # waiting for the session to store the message
+    CLOSED = "closed"
+
+
+# --- events the session carries out -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendReply:
+    data: bytes
+    is_error: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str
+    mailbox: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Envelope:
+    mail_from: str                   # '' for the null reverse-path
+    recipients: tuple[Recipient, ...]
+    helo: str
+    protocol: str                    # for Received: "SMTP", "ESMTP", "UTF8SMTP" (RFC 6531 §3.7.3)
+    client_address: str
+    body: str                        # "7BIT" or "8BITMIME"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoreMessage:
+    envelope: Envelope
+    content: bytes                   # unstuffed, CRLF line ends as received
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CloseConnection:
+    pass
+
+
+Event = Union[SendReply, StoreMessage, CloseConnection]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Command:
+    handler: Callable[["SMTPConnection", str], "R.Reply | bytes | None"]
+    allowed: frozenset[State]
+    # What to answer when the command comes in a state not allowed for it.
+    out_of_order: dict[State, R.Reply]
+
+
+def _seq(text: str) -> R.Reply:
+    return R.fill(R.BAD_SEQUENCE, text)
+
+
+_SESSION_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT})
+
+
+class SMTPConnection:
+    """One SMTP session's protocol state. Not thread-safe; one per connection."""
+
+    def __init__(self, config: Config, router: Router, client_address: str = "unknown"):
+        self.config = config
+        self.router = router
+        self.client_address = client_address
+        self.state = State.CONNECTED
+        self.error_count = 0
+        self.commands_done = 0       # bumps per command line and per DATA block
+        self.messages_accepted = 0
+        self._buf = bytearray()
+        self._discarding_long_line = False
+        self._esmtp = False
+        self._helo = ""
+        self._shutting_down = False
+        self._reset_transaction()
+
+    # --- public interface -------------------------------------------------------
+
+    def greeting(self) -> list[Event]:
+        return [SendReply(f"220 {self.config.hostname} ESMTP ccsmtp\r\n".encode())]
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Take bytes from the client; return what to do, in order."""
+        if self.state is State.CLOSED:
+            return []
+        self._buf += data
+        return self._process()
+
+    def stored(self, queue_id: str) -> list[Event]:
+        """The message from the last StoreMessage is durably queued."""
+        self._expect(State.STORING)
+        self.messages_accepted += 1
+        self.error_count = 0    # Postfix counts errors "without delivering mail"
+        reply = R.QUEUED.with_text(R.QUEUED.text.format(queue_id))
+        return self._finish_message(reply)
+
+    def store_failed(self, reply: R.Reply) -> list[Event]:
+        self._expect(State.STORING)
+        return self._finish_message(reply)
+
+    def timed_out(self) -> list[Event]:
+        return self._close_with(R.TIMEOUT)
+
+    def shutdown(self) -> list[Event]:
+        """The server is stopping: close now if idle, else when the transaction ends."""
+        self._shutting_down = True
+        if self.state in (State.CONNECTED, State.GREETED):
+            return self._close_with(R.SHUTTING_DOWN)
+        return []
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.state in (State.DATA, State.STORING)
+
+    @property
+    def reading_data(self) -> bool:
+        return self.state is State.DATA
+
+    # --- input processing -------------------------------------------------------
+
+    def _process(self) -> list[Event]:
+        events: list[Event] = []
+        pos = 0
+        while self.state not in (State.STORING, State.CLOSED):
+            if self.state is State.DATA:
+                pos = self._take_data(pos, events)
+                if self.state is State.DATA:
+                    break
+                continue
+            line_end = self._find_line_end(pos)
+            if line_end < 0:
+                if len(self._buf) - pos > MAX_COMMAND_LINE:
+                    self._discarding_long_line = True
+                    pos = len(self._buf)
+                break
+            if self._shutting_down and self.state in (State.CONNECTED, State.GREETED):
+                events.extend(self._close_with(R.SHUTTING_DOWN))
+                break
+            line = bytes(self._buf[pos:line_end])
+            pos = line_end + 1
+            self.commands_done += 1
+            if self._discarding_long_line:
+                self._discarding_long_line = False
+                self._reply(events, R.LINE_TOO_LONG)
+                continue
+            self._handle_line(line, events)
+        del self._buf[:pos]
+        return events
+
+    def _find_line_end(self, start: int) -> int:
+        # Commands end at LF, with or without CR before it (as Postfix accepts); only
+        # DATA is strict about CRLF, which is where smuggling matters.
+        return self._buf.find(b"\n", start)
+
+    def _handle_line(self, line: bytes, events: list[Event]) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) + 2 > MAX_COMMAND_LINE:
+            self._reply(events, R.LINE_TOO_LONG)
+            return
+        if b"\r" in line or b"\0" in line:
+            self._reply(events, R.BAD_BYTES)
+            return
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(events, R.UNRECOGNIZED.with_text("Error: command is not valid UTF-8"))
+            return
+        verb, _, arg = text.strip(" ").partition(" ")
+        command = COMMANDS.get(verb.upper())
+        if command is None:
+            self._reply(events, R.UNRECOGNIZED)
+            return
+        if self.state not in command.allowed:
+            self._reply(events, command.out_of_order.get(self.state, _seq("bad sequence of commands")))
+            return
+        result = command.handler(self, arg.strip(" "))
+        if isinstance(result, bytes):
+            events.append(SendReply(result))
+        else:
+            self._reply(events, result)
+        if self.state is State.CLOSED:
+            events.append(CloseConnection())
+
+    def _reply(self, events: list[Event], reply: R.Reply) -> None:
+        events.append(SendReply(bytes(reply), reply.is_error))
+        # RFC 5321 §4.2.5 style: 4xx "too many recipients" is not the client's error.
+        if reply.is_error and reply is not R.TOO_MANY_RECIPIENTS:
+            self.error_count += 1
+            # SPEC §5: *more than* hard_error_limit errors closes the session.
+            if self.error_count > self.config.hard_error_limit:
+                events.extend(self._close_with(R.TOO_MANY_ERRORS))
+
+    def _close_with(self, reply: R.Reply) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        self.state = State.CLOSED
+        return [SendReply(bytes(reply), True), CloseConnection()]
+
+    # --- DATA -------------------------------------------------------------------
+
+    def _take_data(self, pos: int, events: list[Event]) -> int:
+        search_from = max(0, len(self._data) - (len(END_OF_DATA) - 1))
+        with memoryview(self._buf) as view:
+            self._data += view[pos:]
+        end = self._data.find(END_OF_DATA, search_from)
+        if end < 0:
+            self._trim_oversized_data()
+            return len(self._buf)
+        leftover = len(self._data) - (end + len(END_OF_DATA))
+        # _data starts with the CRLF sentinel put there at DATA; keep the last CRLF.
+        oversized = self._data_oversized or end - 2 > self.config.max_size_bytes
+        message = b"" if oversized else bytes(self._data[:end + 2])
+        self._data = bytearray()
+        self.commands_done += 1
+        if oversized:
+            self._abort_transaction(events, R.MESSAGE_TOO_BIG)
+        else:
+            self._end_of_data(message, events)
+        return len(self._buf) - leftover
+
+    def _trim_oversized_data(self) -> None:
+        # Past the limit keep reading to the end marker (RFC 1870 §6.3 replies after it),
+        # holding on to only the tail the marker could start in.
+        if len(self._data) > self.config.max_size_bytes + len(END_OF_DATA):
+            self._data_oversized = True
+            del self._data[:-(len(END_OF_DATA) - 1)]
+
+    def _end_of_data(self, message: bytes, events: list[Event]) -> None:
+        content = message.replace(b"\r\n.", b"\r\n")[2:]   # RFC 5321 §4.5.2 unstuffing
+        header_end = content.find(b"\r\n\r\n")
+        headers = content if header_end < 0 else content[:header_end + 2]
+        if len(_RECEIVED.findall(headers)) > MAX_RECEIVED_HEADERS:
+            self._abort_transaction(events, R.LOOP_DETECTED)
+            return
+        envelope = Envelope(
+            mail_from=self._mail_from.text,
+            recipients=tuple(self._recipients),
+            helo=self._helo,
+            protocol=self._protocol_name(),
+            client_address=self.client_address,
+            body=self._body,
+        )
+        self.state = State.STORING
+        events.append(StoreMessage(envelope, content))
+
+    def _abort_transaction(self, events: list[Event], reply: R.Reply) -> None:
+        self._reset_transaction()
+        self.state = State.GREETED
+        self._reply(events, reply)
+
+    def _finish_message(self, reply: R.Reply) -> list[Event]:
+        events: list[Event] = []
+        self._abort_transaction(events, reply)
+        if self._shutting_down:
+            return events + self._close_with(R.SHUTTING_DOWN)
+        return events + self._process()
+
+    def _protocol_name(self) -> str:
+        if self._smtputf8:
+            return "UTF8SMTP"
+        return "ESMTP" if self._esmtp else "SMTP"
+
+    def _expect(self, state: State) -> None:
+        if self.state is not state:
+            raise RuntimeError(f"protocol is {self.state.value}, not {state.value}")
+
+    def _reset_transaction(self) -> None:
+        self._mail_from: Address = NULL_PATH
+        self._recipients: list[Recipient] = []
+        self._smtputf8 = False
+        self._body = "7BIT"
+        self._data = bytearray()
+        self._data_oversized = False
+
+    # --- command handlers -----------------------------------------------------------
+
+    def _helo_or_ehlo(self, arg: str, esmtp: bool) -> R.Reply | bytes:
+        verb = "EHLO" if esmtp else "HELO"
+        if not arg or not arg.isascii() or not all(c.isprintable() and c != " " for c in arg):
+            return R.fill(R.BAD_HELO, verb)
+        self._reset_transaction()
+        self.state = State.GREETED
+        self._esmtp = esmtp
+        self._helo = arg
+        host = self.config.hostname
+        if not esmtp:
+            return R.format_reply(250, [host])
+        extensions = ["PIPELINING", f"SIZE {self.config.max_size_bytes}", "8BITMIME",
+                      "ENHANCEDSTATUSCODES", "SMTPUTF8", "HELP"]
+        return R.format_reply(250, [host] + extensions)
+
+    def do_helo(self, arg: str) -> R.Reply | bytes:
+        return self._helo_or_ehlo(arg, esmtp=False)
+
+    def do_ehlo(self, arg: str) -> R.Reply | bytes:
+        return self._helo_or_ehlo(arg, esmtp=True)
+
+    def do_mail(self, arg: str) -> R.Reply:
+        if not arg[:5].upper() == "FROM:":
+            return R.fill(R.BAD_SYNTAX, "MAIL FROM:<address>")
+        try:
+            path, param_text = split_path_and_params(arg[5:])
+            params = parse_params(param_text)
+        except AddressError:
+            return R.BAD_SENDER_SYNTAX
+        if params and not self._esmtp:
+            return R.fill(R.BAD_PARAMETER, next(iter(params)))   # RFC 5321 §4.1.1.11
+        rejection = self._check_mail_params(params)
+        if rejection:
+            return rejection
+        try:
+            sender = parse_path(path, allow_null=True, smtputf8="SMTPUTF8" in params)
+        except NeedsSMTPUTF8:
+            return R.NEEDS_SMTPUTF8
+        except AddressError:
+            return R.BAD_SENDER_SYNTAX
+        self._mail_from = sender
+        self._smtputf8 = "SMTPUTF8" in params
+        self._body = "8BITMIME" if (params.get("BODY") or "").upper() == "8BITMIME" else "7BIT"
+        self.state = State.MAIL
+        return R.SENDER_OK
+
+    def _check_mail_params(self, params: dict[str, str | None]) -> R.Reply | None:
+        for name, value in params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit():
+                    return R.fill(R.BAD_SYNTAX, "SIZE=<number>")
+                if int(value) > self.config.max_size_bytes:   # RFC 1870 §6.1
+                    return R.MESSAGE_TOO_BIG
+            elif name == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return R.fill(R.BAD_SYNTAX, "BODY=7BIT or BODY=8BITMIME")
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    return R.fill(R.BAD_SYNTAX, "SMTPUTF8 takes no value")
+            else:
+                return R.fill(R.BAD_PARAMETER, name)
+        return None
+
+    def do_rcpt(self, arg: str) -> R.Reply:
+        if not arg[:3].upper() == "TO:":
+            return R.fill(R.BAD_SYNTAX, "RCPT TO:<address>")
+        try:
+            path, param_text = split_path_and_params(arg[3:])
+            params = parse_params(param_text)
+            address = parse_path(path, allow_null=False, smtputf8=self._smtputf8)
+        except NeedsSMTPUTF8:
+            return R.NEEDS_SMTPUTF8
+        except AddressError:
+            return R.BAD_RECIPIENT_SYNTAX
+        if params:
+            return R.fill(R.BAD_PARAMETER, next(iter(params)))
+        if len(self._recipients) >= self.config.max_recipients:
+            return R.TOO_MANY_RECIPIENTS
+        mailbox = self.router.route(address.local_part, address.domain)
+        if mailbox is Rejection.NOT_LOCAL:
+            return R.fill(R.RELAY_DENIED, address.text)
+        if mailbox is Rejection.UNKNOWN_USER:
+            return R.fill(R.UNKNOWN_USER, address.text)
+        self._recipients.append(Recipient(address.text, mailbox))
+        self.state = State.RCPT
+        return R.RECIPIENT_OK
+
+    def do_data(self, arg: str) -> R.Reply:
+        if arg:
+            return R.fill(R.BAD_SYNTAX, "DATA")
+        self.state = State.DATA
+        self._data = bytearray(b"\r\n")   # sentinel: a '.' line at the very start ends DATA
+        self._data_oversized = False
+        return R.START_DATA
+
+    def do_rset(self, arg: str) -> R.Reply:
+        if arg:
+            return R.fill(R.BAD_SYNTAX, "RSET")
+        self._reset_transaction()
+        if self.state is not State.CONNECTED:
+            self.state = State.GREETED
+        return R.RESET_OK
+
+    def do_noop(self, arg: str) -> R.Reply:
+        return R.NOOP_OK
+
+    def do_vrfy(self, arg: str) -> R.Reply:
+        # RFC 5321 §3.5.3: 252 without confirming; VRFY is a harvester's tool.
+        return R.CANNOT_VRFY if arg else R.fill(R.BAD_SYNTAX, "VRFY address")
+
+    def do_expn(self, arg: str) -> R.Reply:
+        return R.EXPN_DENIED
+
+    def do_help(self, arg: str) -> R.Reply:
+        return R.HELP
+
+    def do_quit(self, arg: str) -> R.Reply:
+        if arg:
+            return R.fill(R.BAD_SYNTAX, "QUIT")
+        self.state = State.CLOSED
+        return R.BYE
+
+
+_ANY = _SESSION_STATES
+_NEED_HELO = _seq("send HELO/EHLO first")
+COMMANDS: dict[str, Command] = {
+    "HELO": Command(SMTPConnection.do_helo, _ANY, {}),
+    "EHLO": Command(SMTPConnection.do_ehlo, _ANY, {}),
+    "MAIL": Command(SMTPConnection.do_mail, frozenset({State.GREETED}), {
+        State.CONNECTED: _NEED_HELO,
+        State.MAIL: _seq("nested MAIL command"),
+        State.RCPT: _seq("nested MAIL command"),
+    }),
+    "RCPT": Command(SMTPConnection.do_rcpt, frozenset({State.MAIL, State.RCPT}), {
+        State.CONNECTED: _NEED_HELO,
+        State.GREETED: _seq("need MAIL command"),
+    }),
+    "DATA": Command(SMTPConnection.do_data, frozenset({State.RCPT}), {
+        State.CONNECTED: _NEED_HELO,
+        State.GREETED: _seq("need RCPT command"),
+        State.MAIL: R.NO_VALID_RECIPIENTS,
+    }),
+    "RSET": Command(SMTPConnection.do_rset, _ANY, {}),
+    "NOOP": Command(SMTPConnection.do_noop, _ANY, {}),
+    "VRFY": Command(SMTPConnection.do_vrfy, _ANY, {}),
+    "EXPN": Command(SMTPConnection.do_expn, _ANY, {}),
+    "HELP": Command(SMTPConnection.do_help, _ANY, {}),
+    "QUIT": Command(SMTPConnection.do_quit, _ANY, {}),
+}
