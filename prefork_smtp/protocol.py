@@ -22,6 +22,7 @@ from . import replies as R
 from .addresses import (NULL_PATH, Address, AddressError, NeedsSMTPUTF8, parse_params,
                         parse_path, split_path_and_params)
 from .config import Config
+from .envelope import Envelope, Recipient
 from .mailboxes import Rejection, Router
 
 # RFC 5321 §4.5.3.1.4: 512 octets per command line including CRLF; §4.5.3.1.5 lets
@@ -49,22 +50,6 @@ class State(enum.Enum):
 class SendReply:
     data: bytes
     is_error: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Recipient:
-    address: str
-    mailbox: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Envelope:
-    mail_from: str                   # '' for the null reverse-path
-    recipients: tuple[Recipient, ...]
-    helo: str
-    protocol: str                    # for Received: "SMTP", "ESMTP", "UTF8SMTP" (RFC 6531 §3.7.3)
-    client_address: str
-    body: str                        # "7BIT" or "8BITMIME"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

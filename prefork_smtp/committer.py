@@ -1,0 +1,81 @@
+"""Group commit of accepted messages into the durable queue, inside one worker.
+
+Owns: batching every message that arrives while the previous batch is being
+fsync'ed into the next batch, so N concurrent sessions share one fsync, and
+waking the delivery process once a batch is safe. A session's future resolves to
+its queue ID only after write_batch() returned, i.e. after data and directory are
+fsync'ed: "250 only after fsync" holds for every message of the batch.
+Must not: block the event loop (the write runs in one helper thread).
+Fails by setting QueueError on the futures of the batch that could not be written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import time
+
+from . import queue
+from .envelope import Envelope
+
+log = logging.getLogger("ccsmtp.queue")
+
+
+class GroupCommitter:
+    def __init__(self, spool_dir: str, notify: socket.socket | None = None):
+        self.spool_dir = spool_dir
+        self.notify = notify
+        self.ids = queue.QueueIds()
+        self._pending: list[tuple[queue.QueuedMessage, asyncio.Future[str]]] = []
+        self._task: asyncio.Task[None] | None = None
+        # One thread: while it syncs one batch the next one fills up.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "commit")
+
+    def submit(self, envelope: Envelope, content: bytes) -> asyncio.Future[str]:
+        loop = asyncio.get_running_loop()
+        message = queue.QueuedMessage(self.ids.next(), envelope, time.time(), content)
+        future: asyncio.Future[str] = loop.create_future()
+        self._pending.append((message, future))
+        if self._task is None:
+            self._task = loop.create_task(self._commit_all())
+        return future
+
+    async def _commit_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                messages = [message for message, _ in batch]
+                try:
+                    await loop.run_in_executor(self._executor, queue.write_batch,
+                                               self.spool_dir, messages)
+                except queue.QueueError as e:
+                    log.error("queue write failed for %d message(s): %s", len(batch), e)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for message, future in batch:
+                    if not future.done():
+                        future.set_result(message.queue_id)
+                self._wake_delivery()
+        finally:
+            self._task = None
+
+    def _wake_delivery(self) -> None:
+        if self.notify is None:
+            return
+        try:
+            self.notify.send(b".")
+        except OSError:
+            pass   # a full socket means delivery is awake already; it also rescans
+
+    async def drain(self) -> None:
+        """Wait until every submitted message is committed or failed."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

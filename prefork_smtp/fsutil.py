@@ -1,0 +1,53 @@
+"""Small file-system helpers for durable writes. Depends on nothing of ours."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+# struct flock on Linux (x86_64 and aarch64): short type, short whence, off_t start,
+# off_t len, pid_t pid, padding. Open-file-description locks need l_pid == 0.
+_FLOCK = "hhqqi4x"
+
+
+def write_all(fd: int, chunks: list[bytes]) -> None:
+    """os.write until every byte of every chunk is written (writes may be short)."""
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (a create, rename or unlink) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def lock_ofd(fd: int, *, wait: bool) -> None:
+    """Write-lock the whole file with an open-file-description lock.
+
+    Unlike classic POSIX locks these belong to the open file, not the process, so
+    threads and processes of one program exclude each other instead of failing with
+    EDEADLK, and they still conflict with the POSIX locks mutt and Dovecot take.
+    Without wait, raises BlockingIOError if someone else holds a lock.
+    """
+    request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise BlockingIOError(e.errno, "file is locked") from None
+        raise

@@ -1,0 +1,63 @@
+"""Logging set-up: Postfix-like, grep-able lines to stderr or a log file.
+
+    2026-11-28 19:45:44 ccsmtp/smtpd[4242]: 19A2...: client=[127.0.0.1], from=<a@b>, ...
+
+Owns: the format, the handler, and reopening the file on SIGUSR1 (logrotate).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = "%(asctime)s %(program)s[%(process)d]: %(levelprefix)s%(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class _PostfixStyle(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.program = record.name.replace(".", "/")
+        record.levelprefix = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return super().format(record)
+
+
+_handler: logging.Handler | None = None
+
+
+def setup(level: str, path: str | None) -> None:
+    """Raise OSError if the log file cannot be opened."""
+    global _handler
+    handler: logging.Handler
+    handler = logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PostfixStyle(FORMAT, DATE_FORMAT))
+    root = logging.getLogger("ccsmtp")
+    if _handler is not None:
+        root.removeHandler(_handler)
+        _handler.close()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+    _handler = handler
+
+
+def set_level(level: str) -> None:
+    logging.getLogger("ccsmtp").setLevel(level.upper())
+
+
+def chown_log_file(path: str | None, uid: int, gid: int) -> None:
+    """So that the unprivileged processes can reopen it after logrotate."""
+    if path and os.geteuid() == 0:
+        os.chown(path, uid, gid)
+
+
+def reopen() -> None:
+    if isinstance(_handler, logging.FileHandler):
+        _handler.acquire()
+        try:
+            _handler.close()
+            _handler.stream = _handler._open()
+        except OSError as e:
+            sys.stderr.write(f"ccsmtp: cannot reopen log file: {e}\n")
+        finally:
+            _handler.release()

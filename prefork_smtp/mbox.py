@@ -1,0 +1,138 @@
+"""mboxrd mailboxes: formatting a delivered copy and appending it under lock.
+
+Owns: the From_ line, Return-Path and Received headers, '>From ' quoting, and the
+locking protocol mutt and Dovecot expect (a dot-lock SPOOL/NAME.lock plus an fcntl
+write lock on the file; we use an open-file-description lock, which conflicts with
+their POSIX locks but not with our own other threads or processes).
+Must not: write anywhere but SPOOL/NAME and SPOOL/NAME.lock for a safe NAME.
+
+Fails with MailboxBusy (someone holds a lock: try again later) or OSError; an append
+that fails is truncated back to the old length, so no half message is ever left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import time
+
+from .fsutil import fsync_dir, lock_ofd, unlink_quietly, write_all
+from .envelope import Envelope
+from .mailboxes import is_safe_mailbox
+
+# Postfix's stale_lock_time: a dot-lock older than this is left over from a crash.
+STALE_DOTLOCK_S = 500.0
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+
+
+class MailboxBusy(Exception):
+    """Another process holds the mailbox's dot-lock or fcntl lock."""
+
+
+def asctime(when: float) -> str:
+    # The From_ line date is asctime() format in UTC (mboxrd, as Postfix writes it).
+    return time.strftime("%a %b %e %H:%M:%S %Y", time.gmtime(when))
+
+
+def rfc2822_date(when: float) -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(when))
+
+
+def format_copy(envelope: Envelope, content: bytes, *, queue_id: str, recipient: str,
+                received_at: float, hostname: str) -> bytes:
+    """One message as it is appended to a mailbox: From_ line, trace headers,
+    LF line ends, mboxrd quoting and the blank line that ends it."""
+    sender = envelope.mail_from
+    # A quoted local-part may hold spaces, which would split the From_ line.
+    from_line = f"From {sender.replace(' ', '_') or 'MAILER-DAEMON'} {asctime(received_at)}\n"
+    client = envelope.client_address
+    literal = f"IPv6:{client}" if ":" in client else client
+    trace = (
+        f"Return-Path: <{sender}>\n"
+        f"Received: from {envelope.helo or 'unknown'} (unknown [{literal}])\n"
+        f"\tby {hostname} (ccsmtp) with {envelope.protocol} id {queue_id}\n"
+        f"\tfor <{recipient}>; {rfc2822_date(received_at)}\n"
+    )
+    body = _FROM_LINE.sub(rb">\1", content.replace(b"\r\n", b"\n"))
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    return b"".join([from_line.encode("utf-8"), trace.encode("utf-8"), body, b"\n"])
+
+
+def mailbox_path(spool_dir: str, mailbox: str) -> str:
+    if not is_safe_mailbox(mailbox):
+        raise ValueError(f"unsafe mailbox name {mailbox!r}")
+    return os.path.join(spool_dir, mailbox)
+
+
+def append(spool_dir: str, mailbox: str, data: bytes, mode: int = 0o600) -> None:
+    """Append data to SPOOL/mailbox under both locks and fsync it. Raises MailboxBusy
+    at once rather than wait: a reader holding the lock must not stall delivery to
+    everyone else."""
+    path = mailbox_path(spool_dir, mailbox)
+    dotlock = path + ".lock"
+    _take_dotlock(dotlock)
+    try:
+        created = False
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+            created = True
+        try:
+            _append_locked(fd, data)
+        finally:
+            os.close(fd)   # closing the description releases the OFD lock
+        if created:
+            fsync_dir(spool_dir)
+    finally:
+        unlink_quietly(dotlock)
+
+
+def _append_locked(fd: int, data: bytes) -> None:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "mailbox is not a regular file")
+    try:
+        lock_ofd(fd, wait=False)
+    except BlockingIOError:
+        raise MailboxBusy("fcntl lock held") from None
+    old_size = os.fstat(fd).st_size
+    try:
+        write_all(fd, [data])
+        os.fsync(fd)
+    except BaseException:
+        # Postfix mbox delivery: on any error cut the file back, no half message.
+        os.ftruncate(fd, old_size)
+        os.fsync(fd)
+        raise
+
+
+def _take_dotlock(path: str) -> None:
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            if not _remove_if_stale(path):
+                raise MailboxBusy("dot-lock held") from None
+            continue
+        os.write(fd, b"%d\n" % os.getpid())
+        os.close(fd)
+        return
+    raise MailboxBusy("dot-lock held")
+
+
+def _remove_if_stale(path: str) -> bool:
+    try:
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return True
+    if age < STALE_DOTLOCK_S:
+        return False
+    unlink_quietly(path)
+    return True
+

@@ -1,0 +1,197 @@
+"""The durable queue between the SMTP workers and delivery.
+
+Owns: the on-disk format of queued messages under SPOOL/.ccsmtp/, writing them with
+group commit (many messages, one fsync), and reading them back for delivery.
+Must not: open mailboxes or speak SMTP.
+
+Layout:
+    SPOOL/.ccsmtp/tmp/BATCH     being written; never read; removed at start-up
+    SPOOL/.ccsmtp/queue/BATCH   complete and fsync'ed, data and directory entry
+    SPOOL/.ccsmtp/done/BATCH    copies of BATCH already delivered (one line each)
+
+A batch file holds one or more messages, each a record:
+    b"%d %d\\n" % (len(envelope_json), len(content)) + envelope_json + content
+A batch is renamed into queue/ only after its data is fsync'ed and the directory is
+fsync'ed after the rename, so a message in queue/ survives kill -9 and power loss.
+Fails with QueueError carrying the errno; the caller maps it to an SMTP reply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import threading
+import time
+from typing import Iterator
+
+from .fsutil import fsync_dir, unlink_quietly, write_all
+from .envelope import Envelope, Recipient
+
+STATE_DIR = ".ccsmtp"
+
+
+class QueueError(Exception):
+    def __init__(self, err: OSError):
+        super().__init__(str(err))
+        self.errno = err.errno
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    queue_id: str
+    envelope: Envelope
+    received_at: float       # time.time() when it was accepted
+    content: bytes
+
+
+def queue_paths(spool_dir: str) -> dict[str, str]:
+    base = os.path.join(spool_dir, STATE_DIR)
+    return {name: os.path.join(base, name) for name in ("tmp", "queue", "done")}
+
+
+def make_dirs(spool_dir: str) -> None:
+    """Create the queue directories (mode 0700: message content is private)."""
+    os.makedirs(os.path.join(spool_dir, STATE_DIR), mode=0o700, exist_ok=True)
+    for path in queue_paths(spool_dir).values():
+        os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def clean_tmp(spool_dir: str) -> int:
+    """Remove half-written batches left by a crash: none of them was acknowledged."""
+    tmp = queue_paths(spool_dir)["tmp"]
+    removed = 0
+    for name in os.listdir(tmp):
+        try:
+            os.unlink(os.path.join(tmp, name))
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class QueueIds:
+    """Unique, time-ordered queue IDs: microseconds, then pid and a counter."""
+
+    def __init__(self) -> None:
+        self._counter = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            self._counter = (self._counter + 1) & 0xFFF
+            counter = self._counter
+        return f"{time.time_ns() // 1000:013X}{os.getpid() & 0xFFFFF:05X}{counter:03X}"
+
+
+def encode_record(message: QueuedMessage) -> bytes:
+    env = message.envelope
+    envelope_json = json.dumps({
+        "id": message.queue_id,
+        "from": env.mail_from,
+        "to": [[r.address, r.mailbox] for r in env.recipients],
+        "helo": env.helo,
+        "protocol": env.protocol,
+        "client": env.client_address,
+        "body": env.body,
+        "time": message.received_at,
+    }, ensure_ascii=True).encode()
+    return b"%d %d\n" % (len(envelope_json), len(message.content)) + envelope_json
+
+
+def decode_batch(data: bytes) -> Iterator[QueuedMessage]:
+    pos = 0
+    while pos < len(data):
+        line_end = data.index(b"\n", pos)
+        env_len, content_len = (int(n) for n in data[pos:line_end].split())
+        env_start = line_end + 1
+        content_start = env_start + env_len
+        fields = json.loads(data[env_start:content_start])
+        content = data[content_start:content_start + content_len]
+        if len(content) != content_len:
+            raise ValueError("truncated batch record")
+        pos = content_start + content_len
+        yield QueuedMessage(
+            queue_id=fields["id"],
+            envelope=Envelope(
+                mail_from=fields["from"],
+                recipients=tuple(Recipient(a, m) for a, m in fields["to"]),
+                helo=fields["helo"],
+                protocol=fields["protocol"],
+                client_address=fields["client"],
+                body=fields["body"],
+            ),
+            received_at=fields["time"],
+            content=content,
+        )
+
+
+def write_batch(spool_dir: str, messages: list[QueuedMessage]) -> str:
+    """Write messages durably as one batch; returns the batch name. Blocking."""
+    paths = queue_paths(spool_dir)
+    name = messages[0].queue_id
+    tmp_path = os.path.join(paths["tmp"], name)
+    try:
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            chunks = []
+            for message in messages:
+                chunks.append(encode_record(message))
+                chunks.append(message.content)
+            write_all(fd, chunks)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp_path, os.path.join(paths["queue"], name))
+        fsync_dir(paths["queue"])
+    except OSError as e:
+        unlink_quietly(tmp_path)
+        raise QueueError(e) from e
+    return name
+
+
+
+
+
+# --- the delivery side ------------------------------------------------------------
+
+def ready_batches(spool_dir: str) -> list[str]:
+    """Names of complete batches, oldest first (names start with a time stamp)."""
+    return sorted(os.listdir(queue_paths(spool_dir)["queue"]))
+
+
+def read_batch(spool_dir: str, name: str) -> list[QueuedMessage]:
+    with open(os.path.join(queue_paths(spool_dir)["queue"], name), "rb") as f:
+        return list(decode_batch(f.read()))
+
+
+def read_done(spool_dir: str, name: str) -> set[tuple[str, str]]:
+    """(queue_id, mailbox) pairs of BATCH already delivered."""
+    try:
+        with open(os.path.join(queue_paths(spool_dir)["done"], name), "rb") as f:
+            lines = f.read().decode("ascii", "replace").splitlines()
+    except FileNotFoundError:
+        return set()
+    return {tuple(line.split(" ", 1)) for line in lines if " " in line}  # type: ignore[misc]
+
+
+def mark_done(spool_dir: str, name: str, copies: list[tuple[str, str]]) -> None:
+    """Record delivered copies of a batch that is not finished yet (fsync'ed)."""
+    path = os.path.join(queue_paths(spool_dir)["done"], name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, [f"{qid} {mailbox}\n".encode() for qid, mailbox in copies])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_batch(spool_dir: str, name: str) -> None:
+    paths = queue_paths(spool_dir)
+    os.unlink(os.path.join(paths["queue"], name))
+    unlink_quietly(os.path.join(paths["done"], name))

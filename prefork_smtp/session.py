@@ -1,0 +1,244 @@
+"""One SMTP connection on the event loop: bytes between the socket and the protocol.
+
+Owns: feeding received bytes to protocol.SMTPConnection and carrying out its events
+in order (write a reply, store a message, close), per-command deadlines (a command
+or DATA block must be complete within its timeout however slowly it trickles in),
+the error tarpit, and back-pressure (stop reading while a message is stored or the
+client is not reading our replies).
+Must not: parse SMTP itself or touch mailboxes. An unexpected exception becomes
+451 4.3.0 to the client and a traceback in the log, never exception text on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from typing import Callable
+
+from . import replies as R
+from .committer import GroupCommitter
+from .config import Config
+from .mailboxes import Router
+from .protocol import CloseConnection, Event, SendReply, SMTPConnection, StoreMessage
+from .queue import QueueError
+
+log = logging.getLogger("ccsmtp.smtpd")
+
+
+class SessionHooks:
+    """What a session tells its worker: counters and its own end."""
+
+    def __init__(self) -> None:
+        self.sessions: set["SMTPSession"] = set()
+        self.messages = 0
+
+    def opened(self, session: "SMTPSession") -> None:
+        self.sessions.add(session)
+
+    def closed(self, session: "SMTPSession") -> None:
+        self.sessions.discard(session)
+
+    def message_queued(self) -> None:
+        self.messages += 1
+
+
+class SMTPSession(asyncio.Protocol):
+    def __init__(self, config: Config, router: Router, committer: GroupCommitter,
+                 hooks: SessionHooks, admit: Callable[[str], bool] = lambda ip: True):
+        self.config = config
+        self.router = router
+        self.committer = committer
+        self.hooks = hooks
+        self.admit = admit
+        self.transport: asyncio.Transport | None = None
+        self.conn: SMTPConnection | None = None
+        self.client_ip = "unknown"
+        self._pending: collections.deque[Event] = collections.deque()
+        self._busy = False            # a store or a tarpit delay is in progress
+        self._reading_paused = False
+        self._write_blocked = False
+        self._deadline = 0.0
+        self._commands_seen = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = time.monotonic()
+
+    # --- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else "unknown"
+        self.hooks.opened(self)
+        log.info("connect from [%s]", self.client_ip)
+        if not self.admit(self.client_ip):
+            log.warning("too many connections from [%s]", self.client_ip)
+            transport.write(bytes(R.TOO_MANY_CONNECTIONS))
+            transport.close()
+            return
+        self.conn = SMTPConnection(self.config, self.router, self.client_ip)
+        self._arm_deadline()
+        self._run(self.conn.greeting())
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is None:
+            return
+        self._guarded(lambda: self._run(self.conn.feed(data)))
+
+    def eof_received(self) -> bool | None:
+        return False   # close our side too; an unfinished DATA is simply dropped
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer:
+            self._timer.cancel()
+        self.hooks.closed(self)
+        if self.conn is not None:
+            log.info("disconnect from [%s] commands=%d messages=%d%s", self.client_ip,
+                     self.conn.commands_done, self.conn.messages_accepted,
+                     " (in DATA)" if self.conn.reading_data else "")
+            self.conn = None
+
+    def pause_writing(self) -> None:
+        self._write_blocked = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._update_reading()
+
+    # --- what the worker asks ---------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Graceful stop: idle sessions are closed now, open transactions later."""
+        if self.conn is not None:
+            self._run(self.conn.shutdown())
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def closed(self) -> bool:
+        return self.conn is None or self.transport is None or self.transport.is_closing()
+
+    # --- carrying out events ------------------------------------------------------
+
+    def _run(self, events: list[Event]) -> None:
+        self._pending.extend(events)
+        self._drain()
+        self._rearm_if_progress()
+
+    def _drain(self) -> None:
+        while self._pending and not self._busy and self.transport is not None:
+            event = self._pending.popleft()
+            if isinstance(event, SendReply):
+                if event.is_error and self._should_tarpit():
+                    self._delay_then(event)
+                    return
+                self.transport.write(event.data)
+            elif isinstance(event, StoreMessage):
+                self._store(event)
+            elif isinstance(event, CloseConnection):
+                self._pending.clear()
+                self.transport.close()
+        self._update_reading()
+
+    def _should_tarpit(self) -> bool:
+        # Postfix smtpd_soft_error_limit / smtpd_error_sleep_time: slow down a client
+        # that keeps making errors, before the hard limit throws it out.
+        conn = self.conn
+        return (conn is not None and self.config.error_delay_s > 0
+                and conn.error_count > self.config.soft_error_limit)
+
+    def _delay_then(self, reply: SendReply) -> None:
+        self._busy = True
+        self._update_reading()
+
+        def resume() -> None:
+            self._busy = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(reply.data)
+                self._drain()
+
+        asyncio.get_running_loop().call_later(self.config.error_delay_s, resume)
+
+    def _store(self, event: StoreMessage) -> None:
+        self._busy = True
+        future = self.committer.submit(event.envelope, event.content)
+        size = len(event.content)
+        future.add_done_callback(lambda f: self._guarded(lambda: self._stored(f, event, size)))
+
+    def _stored(self, future: asyncio.Future[str], event: StoreMessage, size: int) -> None:
+        self._busy = False
+        if self.conn is None:   # the client went away; the message is queued all the same
+            return
+        error = future.exception()
+        if error is None:
+            queue_id = future.result()
+            self.hooks.message_queued()
+            env = event.envelope
+            log.info("%s: client=[%s], helo=%s, from=<%s>, nrcpt=%d, size=%d", queue_id,
+                     self.client_ip, env.helo, env.mail_from, len(env.recipients), size)
+            events = self.conn.stored(queue_id)
+        else:
+            disk_full = isinstance(error, QueueError) and error.disk_full
+            reply = R.INSUFFICIENT_STORAGE if disk_full else R.LOCAL_ERROR
+            log.warning("reject: queue file write error from [%s]: %s", self.client_ip, error)
+            events = self.conn.store_failed(reply)
+        self._arm_deadline()
+        self._run(events)
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception("internal error in session with [%s]", self.client_ip)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(bytes(R.LOCAL_ERROR))
+                self.transport.close()
+
+    # --- flow control and deadlines -----------------------------------------------------
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        want_paused = self._busy or self._write_blocked
+        if want_paused and not self._reading_paused:
+            self.transport.pause_reading()
+        elif not want_paused and self._reading_paused:
+            self.transport.resume_reading()
+        self._reading_paused = want_paused
+
+    def _rearm_if_progress(self) -> None:
+        if self.conn is not None and self.conn.commands_done != self._commands_seen:
+            self._commands_seen = self.conn.commands_done
+            self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        # A deadline per command (or DATA block): trickling bytes does not extend it.
+        conn = self.conn
+        timeout = (self.config.timeout_data_s if conn is not None and conn.reading_data
+                   else self.config.timeout_command_s)
+        self._deadline = time.monotonic() + timeout
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self.conn is None:
+            return
+        remaining = self._deadline - time.monotonic()
+        if self._busy or remaining > 0:
+            # Not ours to time out while storing; otherwise re-check at the deadline.
+            delay = remaining if remaining > 0 else 1.0
+            self._timer = asyncio.get_running_loop().call_later(delay, self._check_deadline)
+            return
+        log.info("timeout after %s from [%s]", "DATA" if self.conn.reading_data else "command",
+                 self.client_ip)
+        self._run(self.conn.timed_out())

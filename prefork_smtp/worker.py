@@ -1,0 +1,170 @@
+"""A worker process: accepts from the shared listeners and runs many SMTP sessions.
+
+Owns: the event loop of one worker, its listeners' accept side, the group
+committer, the heartbeat and process title, and stopping (graceful on TERM: stop
+accepting, 421 to idle sessions, let open transactions finish within
+graceful_timeout; fast on QUIT), retiring after max_sessions_per_worker or over
+max_worker_rss, and exiting when the master is gone.
+Must not: open mailboxes (delivery does) or run as root (the master dropped it).
+Exit codes: 0 after a stop or retirement, WORKER_BOOT_ERROR if it could not start
+(the master then stops rather than fork-loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import time
+
+import psutil
+from setproctitle import setproctitle
+
+from .committer import GroupCommitter
+from .config import Config
+from .mailboxes import Router
+from .scoreboard import Scoreboard
+from .session import SessionHooks, SMTPSession
+
+log = logging.getLogger("ccsmtp.worker")
+
+WORKER_BOOT_ERROR = 3
+# How many connections one wake-up of a worker may accept: small, so that a burst is
+# spread over the workers instead of landing on whichever woke first.
+ACCEPT_BATCH = 16
+LISTEN_BACKLOG = 4096
+HEARTBEAT_S = 1.0
+# How a worker stops: RETIRE lets sessions end by themselves (reload, recycling),
+# GRACEFUL says 421 to idle sessions at once (SIGTERM), FAST drops them (SIGQUIT).
+RETIRE, GRACEFUL, FAST = "retire", "graceful", "fast"
+STOP_MODES = ("", RETIRE, GRACEFUL, FAST)
+RSS_CHECK_S = 5.0
+
+
+def router_for(config: Config) -> Router:
+    return Router(config.domains, recipients=config.recipients, aliases=config.aliases,
+                  catchall=config.catchall)
+
+
+class Worker:
+    def __init__(self, worker_id: int, slot: int, config: Config,
+                 listeners: list[socket.socket], scoreboard: Scoreboard,
+                 notify: socket.socket | None, master_pid: int):
+        self.worker_id = worker_id
+        self.slot = slot
+        self.config = config
+        self.listeners = listeners
+        self.scoreboard = scoreboard
+        self.master_pid = master_pid
+        self.router = router_for(config)
+        self.committer = GroupCommitter(config.spool_dir, notify)
+        self.hooks = SessionHooks()
+        self.sessions_served = 0
+        self.max_sessions = self._jittered(config.max_sessions_per_worker)
+        self._stop: asyncio.Event | None = None
+        self._mode = ""
+        self._title = ""
+
+    @staticmethod
+    def _jittered(limit: int) -> int:
+        # gunicorn's max_requests_jitter: workers started together do not retire together.
+        return limit + random.randint(0, max(limit // 10, 0)) if limit else 0
+
+    def run(self) -> int:
+        self._reset_signals()
+        setproctitle(f"ccsmtp: worker {self.worker_id} [starting]")
+        try:
+            asyncio.run(self._serve())
+        except Exception:
+            log.exception("worker %d crashed", self.worker_id)
+            return 1
+        return 0
+
+    @staticmethod
+    def _reset_signals() -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            # The master decides; a terminal's Ctrl-C must not cut transactions short.
+            signal.signal(sig, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self.stop, GRACEFUL)
+        loop.add_signal_handler(signal.SIGQUIT, self.stop, FAST)
+        loop.add_signal_handler(signal.SIGUSR2, self.stop, RETIRE)
+        servers = []
+        for sock in self.listeners:
+            servers.append(await loop.create_server(self._new_session, sock=sock,
+                                                    backlog=ACCEPT_BATCH))
+            sock.listen(LISTEN_BACKLOG)   # create_server shrank the kernel's queue to the batch
+        heartbeat = loop.create_task(self._heartbeat())
+        log.debug("worker %d serving", self.worker_id)
+        await self._stop.wait()
+        for server in servers:
+            server.close()
+        await self._finish_sessions()
+        heartbeat.cancel()
+        await self.committer.drain()
+        self.committer.close()
+
+    def _new_session(self) -> SMTPSession:
+        self.sessions_served += 1
+        if self.max_sessions and self.sessions_served >= self.max_sessions:
+            log.info("worker %d retiring after %d sessions", self.worker_id, self.sessions_served)
+            self.stop(RETIRE)
+        return SMTPSession(self.config, self.router, self.committer, self.hooks)
+
+    def stop(self, mode: str) -> None:
+        # A later, harder request wins: retire < graceful < fast.
+        if STOP_MODES.index(mode) > STOP_MODES.index(self._mode):
+            self._mode = mode
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _finish_sessions(self) -> None:
+        if self._mode == RETIRE:
+            # Retiring (reload, recycling, master gone): sessions end by themselves.
+            await self._wait_for_sessions(self.config.graceful_timeout_s, RETIRE)
+        if self._mode in (RETIRE, GRACEFUL):
+            for session in list(self.hooks.sessions):
+                session.shutdown()   # 421 now if idle, after its transaction otherwise
+            await self._wait_for_sessions(self.config.graceful_timeout_s, GRACEFUL)
+        for session in list(self.hooks.sessions):
+            session.abort()
+        await asyncio.sleep(0)   # let connection_lost callbacks run
+
+    async def _wait_for_sessions(self, timeout_s: float, mode: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.hooks.sessions and time.monotonic() < deadline and self._mode == mode:
+            self._show_title()
+            await asyncio.sleep(0.05)
+
+    async def _heartbeat(self) -> None:
+        next_rss_check = time.monotonic() + RSS_CHECK_S
+        process = psutil.Process()
+        while True:
+            self.scoreboard.beat(self.slot, len(self.hooks.sessions), self.hooks.messages)
+            self._show_title()
+            if os.getppid() != self.master_pid:
+                log.warning("worker %d: master is gone, finishing sessions", self.worker_id)
+                self.stop(RETIRE)
+            if self.config.max_worker_rss_bytes and time.monotonic() >= next_rss_check:
+                next_rss_check = time.monotonic() + RSS_CHECK_S
+                rss = process.memory_info().rss
+                if rss > self.config.max_worker_rss_bytes:
+                    log.info("worker %d retiring: RSS %d > max_worker_rss", self.worker_id, rss)
+                    self.stop(RETIRE)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def _show_title(self) -> None:
+        title = (f"ccsmtp: worker {self.worker_id} [{len(self.hooks.sessions)} sessions, "
+                 f"{self.hooks.messages} msgs]")
+        if title != self._title:
+            setproctitle(title)
+            self._title = title
