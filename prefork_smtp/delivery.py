@@ -24,7 +24,7 @@ import time
 
 from setproctitle import setproctitle
 
-from . import mbox, queue
+from . import logs, mbox, queue
 from .config import Config
 from .fsutil import lock_ofd
 from .scoreboard import Scoreboard
@@ -74,6 +74,7 @@ class Delivery:
         self.delivered = 0
         self.retry_at: dict[str, float] = {}
         self._stopping = False
+        self._reopen_logs = False
         self._wakeup_r, self._wakeup_w = socket.socketpair()
 
     # --- process ----------------------------------------------------------------
@@ -91,14 +92,17 @@ class Delivery:
     def _install_signals(self) -> None:
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._wakeup_w.setblocking(False)
         signal.set_wakeup_fd(self._wakeup_w.fileno())
         signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_reopen_logs)
         signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))   # fast: the queue keeps it all
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self._stopping = True   # only record it; the loop does the work
+
+    def _on_reopen_logs(self, signum: int, frame: object) -> None:
+        self._reopen_logs = True
 
     def _take_delivery_lock(self) -> int:
         path = os.path.join(self.config.spool_dir, queue.STATE_DIR, "delivery.lock")
@@ -112,6 +116,9 @@ class Delivery:
             if self._stopping and stop_by is None:
                 stop_by = time.monotonic() + self.config.graceful_timeout_s
                 log.info("delivery stopping: delivering what is queued")
+            if self._reopen_logs:
+                self._reopen_logs = False
+                logs.reopen()
             pending = self.deliver_round()
             self._beat()
             if stop_by is not None and (not pending or time.monotonic() > stop_by):

@@ -182,8 +182,7 @@ class Master:
         if pid == 0:
             code = 1
             try:
-                self._wakeup_r.close()
-                self._wakeup_w.close()
+                self._leave_master_behind()
                 code = body(slot)
             except BaseException:
                 log.exception("child process failed")
@@ -194,6 +193,14 @@ class Master:
         self.children[pid] = Child(pid, slot, worker_id, self.generation, time.monotonic())
         what = "delivery" if worker_id == DELIVERY_SLOT_ID else f"worker {worker_id}"
         log.debug("started %s, pid %d", what, pid)
+
+    def _leave_master_behind(self) -> None:
+        """In a new child: drop the master's signal handling and its wake-up pipe."""
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        self._wakeup_r.close()
+        self._wakeup_w.close()
 
     def reap_children(self) -> None:
         while True:

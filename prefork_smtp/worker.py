@@ -23,6 +23,7 @@ import time
 import psutil
 from setproctitle import setproctitle
 
+from . import logs
 from .committer import GroupCommitter
 from .config import Config
 from .mailboxes import Router
@@ -85,12 +86,9 @@ class Worker:
 
     @staticmethod
     def _reset_signals() -> None:
-        signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             # The master decides; a terminal's Ctrl-C must not cut transactions short.
             signal.signal(sig, signal.SIG_IGN)
-        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -98,6 +96,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stop, GRACEFUL)
         loop.add_signal_handler(signal.SIGQUIT, self.stop, FAST)
         loop.add_signal_handler(signal.SIGUSR2, self.stop, RETIRE)
+        loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
         servers = []
         for sock in self.listeners:
             servers.append(await loop.create_server(self._new_session, sock=sock,
