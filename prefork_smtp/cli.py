@@ -25,6 +25,7 @@ import json  # noqa: F401
 from . import config as configuration
 from . import listeners as listening
 from . import logs, privileges, spool
+from .anvil import FILENAME as ANVIL, Anvil
 from .master import Master
 from .scoreboard import FILENAME as SCOREBOARD, Scoreboard
 
@@ -105,13 +106,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         _die(1, e)
     if removed:
         log.info("removed %d unfinished queue file(s) left by a crash", removed)
-    scoreboard = Scoreboard(os.path.join(config.spool_dir, ".ccsmtp", SCOREBOARD), create=True)
+    state_dir = os.path.join(config.spool_dir, ".ccsmtp")
+    scoreboard = Scoreboard(os.path.join(state_dir, SCOREBOARD), create=True)
+    anvil = Anvil(os.path.join(state_dir, ANVIL), create=True)
 
     def reload() -> configuration.Config:
         return configuration.build(cli_values, args.config)
 
     try:
-        return Master(config, sockets, scoreboard, reload).run()
+        return Master(config, sockets, scoreboard, anvil, reload).run()
     finally:
         _remove_pidfile(config.pidfile)
 

@@ -26,6 +26,7 @@ from setproctitle import setproctitle
 from . import config as configuration
 from . import logs
 from .config import Config
+from .anvil import Anvil
 from .delivery import DELIVERY_SLOT_ID, Delivery
 from .scoreboard import Scoreboard
 from .worker import WORKER_BOOT_ERROR, Worker
@@ -57,10 +58,11 @@ class Child:
 
 class Master:
     def __init__(self, config: Config, listeners: list[socket.socket], scoreboard: Scoreboard,
-                 reload_config: Callable[[], Config]):
+                 anvil: Anvil, reload_config: Callable[[], Config]):
         self.config = config
         self.listeners = listeners
         self.scoreboard = scoreboard
+        self.anvil = anvil
         self.reload_config = reload_config
         self.pid = os.getpid()
         self.num_workers = config.workers
@@ -166,7 +168,7 @@ class Master:
     def spawn_worker(self, worker_id: int) -> None:
         def body(slot: int) -> int:
             return Worker(worker_id, slot, self.config, self.listeners, self.scoreboard,
-                          self.notify_send, self.pid).run()
+                          self.anvil, self.notify_send, self.pid).run()
         self._fork(worker_id, body)
 
     def spawn_delivery(self) -> None:
@@ -214,6 +216,7 @@ class Master:
             if child is None:
                 continue
             self.scoreboard.release(child.slot)
+            self.anvil.wipe(child.slot)
             self._after_death(child, status)
 
     def _after_death(self, child: Child, status: int) -> None:

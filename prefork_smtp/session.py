@@ -44,15 +44,21 @@ class SessionHooks:
     def message_queued(self) -> None:
         self.messages += 1
 
+    def admit(self, client_ip: str) -> bool:
+        """Count a new connection from client_ip; False if it is one too many."""
+        return True
+
+    def release(self, client_ip: str) -> None:
+        """A connection counted by admit() has ended."""
+
 
 class SMTPSession(asyncio.Protocol):
     def __init__(self, config: Config, router: Router, committer: GroupCommitter,
-                 hooks: SessionHooks, admit: Callable[[str], bool] = lambda ip: True):
+                 hooks: SessionHooks):
         self.config = config
         self.router = router
         self.committer = committer
         self.hooks = hooks
-        self.admit = admit
         self.transport: asyncio.Transport | None = None
         self.conn: SMTPConnection | None = None
         self.client_ip = "unknown"
@@ -77,7 +83,7 @@ class SMTPSession(asyncio.Protocol):
         self.client_ip = peer[0] if peer else "unknown"
         self.hooks.opened(self)
         log.info("connect from [%s]", self.client_ip)
-        if not self.admit(self.client_ip):
+        if not self.hooks.admit(self.client_ip):
             log.warning("too many connections from [%s]", self.client_ip)
             transport.write(bytes(R.TOO_MANY_CONNECTIONS))
             transport.close()
@@ -98,6 +104,7 @@ class SMTPSession(asyncio.Protocol):
         if self._timer:
             self._timer.cancel()
         self.hooks.closed(self)
+        self.hooks.release(self.client_ip)
         if self.conn is not None:
             log.info("disconnect from [%s] commands=%d messages=%d%s", self.client_ip,
                      self.conn.commands_done, self.conn.messages_accepted,

@@ -24,6 +24,7 @@ import psutil
 from setproctitle import setproctitle
 
 from . import logs
+from .anvil import Anvil, AnvilRegion
 from .committer import GroupCommitter
 from .config import Config
 from .mailboxes import Router
@@ -45,6 +46,34 @@ STOP_MODES = ("", RETIRE, GRACEFUL, FAST)
 RSS_CHECK_S = 5.0
 
 
+class WorkerHooks(SessionHooks):
+    """Session counters, plus connections per client over all workers (anvil)."""
+
+    def __init__(self, limit: int, region: AnvilRegion, scoreboard: Scoreboard):
+        super().__init__()
+        self.limit = limit
+        self.region = region
+        self.scoreboard = scoreboard
+        self.live_slots: list[int] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        # Scanning the whole scoreboard per connection would cost more than it saves.
+        self.live_slots = [info.slot for info in self.scoreboard.live()]
+        if self.region.slot not in self.live_slots:
+            self.live_slots.append(self.region.slot)
+
+    def admit(self, client_ip: str) -> bool:
+        if not self.limit:
+            return True
+        self.region.add(client_ip, +1)
+        return self.region.anvil.total(client_ip, self.live_slots) <= self.limit
+
+    def release(self, client_ip: str) -> None:
+        if self.limit:
+            self.region.add(client_ip, -1)
+
+
 def router_for(config: Config) -> Router:
     return Router(config.domains, recipients=config.recipients, aliases=config.aliases,
                   catchall=config.catchall)
@@ -52,7 +81,7 @@ def router_for(config: Config) -> Router:
 
 class Worker:
     def __init__(self, worker_id: int, slot: int, config: Config,
-                 listeners: list[socket.socket], scoreboard: Scoreboard,
+                 listeners: list[socket.socket], scoreboard: Scoreboard, anvil: Anvil,
                  notify: socket.socket | None, master_pid: int):
         self.worker_id = worker_id
         self.slot = slot
@@ -62,7 +91,8 @@ class Worker:
         self.master_pid = master_pid
         self.router = router_for(config)
         self.committer = GroupCommitter(config.spool_dir, notify)
-        self.hooks = SessionHooks()
+        self.hooks = WorkerHooks(config.max_connections_per_client, AnvilRegion(anvil, slot),
+                                 scoreboard)
         self.sessions_served = 0
         self.max_sessions = self._jittered(config.max_sessions_per_worker)
         self._stop: asyncio.Event | None = None
@@ -149,6 +179,7 @@ class Worker:
         process = psutil.Process()
         while True:
             self.scoreboard.beat(self.slot, len(self.hooks.sessions), self.hooks.messages)
+            self.hooks.refresh()
             self._show_title()
             if os.getppid() != self.master_pid:
                 log.warning("worker %d: master is gone, finishing sessions", self.worker_id)
