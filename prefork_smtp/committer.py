@@ -28,16 +28,29 @@ class GroupCommitter:
         self.spool_dir = spool_dir
         self.notify = notify
         self.ids = queue.QueueIds()
-        self._pending: list[tuple[queue.QueuedMessage, asyncio.Future[str]]] = []
+        self._pending: list[tuple[queue.QueuedMessage, queue.SpillFile | None,
+                                  asyncio.Future[str]]] = []
         self._task: asyncio.Task[None] | None = None
         # One thread: while it syncs one batch the next one fills up.
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "commit")
 
-    def submit(self, envelope: Envelope, content: bytes) -> asyncio.Future[str]:
+    def spill_file(self) -> queue.SpillFile:
+        """Somewhere to put a large message's content while it arrives."""
+        return queue.SpillFile(self.spool_dir, f"spill.{self.ids.next()}")
+
+    def submit(self, envelope: Envelope, content: bytes,
+               spill: queue.SpillFile | None = None) -> asyncio.Future[str]:
+        """Queue a message: content, or (for a large one) spill plus its last piece."""
         loop = asyncio.get_running_loop()
-        message = queue.QueuedMessage(self.ids.next(), envelope, time.time(), content)
+        if spill is not None:
+            spill.write(content)
+            message = queue.QueuedMessage(self.ids.next(), envelope, time.time(),
+                                          external=True, size=spill.size)
+        else:
+            message = queue.QueuedMessage(self.ids.next(), envelope, time.time(), content,
+                                          size=len(content))
         future: asyncio.Future[str] = loop.create_future()
-        self._pending.append((message, future))
+        self._pending.append((message, spill, future))
         if self._task is None:
             self._task = loop.create_task(self._commit_all())
         return future
@@ -47,17 +60,20 @@ class GroupCommitter:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                messages = [message for message, _ in batch]
+                messages = [message for message, _, _ in batch]
+                spills = {m.queue_id: spill for m, spill, _ in batch if spill is not None}
                 try:
                     await loop.run_in_executor(self._executor, queue.write_batch,
-                                               self.spool_dir, messages)
+                                               self.spool_dir, messages, spills)
                 except queue.QueueError as e:
                     log.error("queue write failed for %d message(s): %s", len(batch), e)
-                    for _, future in batch:
+                    for spill in spills.values():
+                        spill.discard()
+                    for _, _, future in batch:
                         if not future.done():
                             future.set_exception(e)
                     continue
-                for message, future in batch:
+                for message, _, future in batch:
                     if not future.done():
                         future.set_result(message.queue_id)
                 self._wake_delivery()

@@ -15,12 +15,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import itertools
 import logging
 import os
 import select
 import signal
 import socket
 import time
+from typing import Iterator
 
 from setproctitle import setproctitle
 
@@ -193,7 +195,7 @@ class Delivery:
         now = time.monotonic()
         if self.retry_at.get(mailbox, 0.0) > now:
             return False
-        data = b"".join(self._format(copy) for copy in copies)
+        data = itertools.chain.from_iterable(self._format(copy) for copy in copies)
         try:
             mbox.append(self.config.spool_dir, mailbox, data, self.config.spool_mode)
         except mbox.MailboxBusy as e:
@@ -213,9 +215,10 @@ class Delivery:
             self._log_copy(copy, "sent", f"delivered to mailbox {mailbox}")
         return True
 
-    def _format(self, copy: Copy) -> bytes:
+    def _format(self, copy: Copy) -> Iterator[bytes]:
         message = copy.message
-        return mbox.format_copy(message.envelope, message.content, queue_id=message.queue_id,
+        content = queue.content_pieces(self.config.spool_dir, message)
+        return mbox.format_copy(message.envelope, content, queue_id=message.queue_id,
                                 recipient=copy.recipient, received_at=message.received_at,
                                 hostname=self.config.hostname)
 
@@ -230,7 +233,7 @@ class Delivery:
         spool = self.config.spool_dir
         needed = {(m.queue_id, r.mailbox) for m in batch.messages for r in m.envelope.recipients}
         if needed <= batch.done | set(delivered_now):
-            queue.remove_batch(spool, batch.name)
+            queue.remove_batch(spool, batch.name, batch.messages)
             return True
         if delivered_now:
             queue.mark_done(spool, batch.name, delivered_now)

@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import time
+from typing import Iterable, Iterator
 
 from .fsutil import fsync_dir, lock_ofd, unlink_quietly, write_all
 from .envelope import Envelope
@@ -40,10 +41,10 @@ def rfc2822_date(when: float) -> str:
     return time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(when))
 
 
-def format_copy(envelope: Envelope, content: bytes, *, queue_id: str, recipient: str,
-                received_at: float, hostname: str) -> bytes:
-    """One message as it is appended to a mailbox: From_ line, trace headers,
-    LF line ends, mboxrd quoting and the blank line that ends it."""
+def format_copy(envelope: Envelope, content: Iterable[bytes], *, queue_id: str,
+                recipient: str, received_at: float, hostname: str) -> Iterator[bytes]:
+    """One message as it is appended to a mailbox, in pieces: From_ line, trace
+    headers, the content with LF line ends and mboxrd quoting, and a blank line."""
     sender = envelope.mail_from
     # A quoted local-part may hold spaces, which would split the From_ line.
     from_line = f"From {sender.replace(' ', '_') or 'MAILER-DAEMON'} {asctime(received_at)}\n"
@@ -55,10 +56,29 @@ def format_copy(envelope: Envelope, content: bytes, *, queue_id: str, recipient:
         f"\tby {hostname} (ccsmtp) with {envelope.protocol} id {queue_id}\n"
         f"\tfor <{recipient}>; {rfc2822_date(received_at)}\n"
     )
-    body = _FROM_LINE.sub(rb">\1", content.replace(b"\r\n", b"\n"))
-    if body and not body.endswith(b"\n"):
-        body += b"\n"
-    return b"".join([from_line.encode("utf-8"), trace.encode("utf-8"), body, b"\n"])
+    yield (from_line + trace).encode("utf-8")
+    yield from mboxrd_body(content)
+    yield b"\n"
+
+
+def mboxrd_body(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """CRLF to LF and '>'-quote '^>*From ' lines, piece by piece (cut after an LF so
+    that no line is split), ending with a newline."""
+    carry = b""
+    for piece in pieces:
+        text = carry + piece if carry else piece
+        cut = text.rfind(b"\n") + 1
+        if cut == 0:
+            carry = text
+            continue
+        carry = text[cut:]
+        yield _quote(text[:cut])
+    if carry:
+        yield _quote(carry if carry.endswith(b"\n") else carry + b"\n")
+
+
+def _quote(lines: bytes) -> bytes:
+    return _FROM_LINE.sub(rb">\1", lines.replace(b"\r\n", b"\n"))
 
 
 def mailbox_path(spool_dir: str, mailbox: str) -> str:
@@ -67,8 +87,8 @@ def mailbox_path(spool_dir: str, mailbox: str) -> str:
     return os.path.join(spool_dir, mailbox)
 
 
-def append(spool_dir: str, mailbox: str, data: bytes, mode: int = 0o600) -> None:
-    """Append data to SPOOL/mailbox under both locks and fsync it. Raises MailboxBusy
+def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o600) -> None:
+    """Append the pieces of data to SPOOL/mailbox under both locks and fsync. Raises MailboxBusy
     at once rather than wait: a reader holding the lock must not stall delivery to
     everyone else."""
     path = mailbox_path(spool_dir, mailbox)
@@ -92,7 +112,7 @@ def append(spool_dir: str, mailbox: str, data: bytes, mode: int = 0o600) -> None
         unlink_quietly(dotlock)
 
 
-def _append_locked(fd: int, data: bytes) -> None:
+def _append_locked(fd: int, data: Iterable[bytes]) -> None:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "mailbox is not a regular file")
@@ -102,7 +122,8 @@ def _append_locked(fd: int, data: bytes) -> None:
         raise MailboxBusy("fcntl lock held") from None
     old_size = os.fstat(fd).st_size
     try:
-        write_all(fd, [data])
+        for piece in data:
+            write_all(fd, [piece])
         os.fsync(fd)
     except BaseException:
         # Postfix mbox delivery: on any error cut the file back, no half message.

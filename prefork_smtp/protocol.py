@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 from typing import Callable, Union
 
 from . import replies as R
 from .addresses import (NULL_PATH, Address, AddressError, NeedsSMTPUTF8, parse_params,
                         parse_path, split_path_and_params)
 from .config import Config
+from .data_framing import DataFramer
 from .envelope import Envelope, Recipient
 from .mailboxes import Rejection, Router
 
@@ -30,8 +30,6 @@ from .mailboxes import Rejection, Router
 MAX_COMMAND_LINE = 512 + 512
 # RFC 5321 §6.3 recommends a hop limit; Postfix's hopcount_limit is 50.
 MAX_RECEIVED_HEADERS = 50
-END_OF_DATA = b"\r\n.\r\n"   # §4.1.1.4: only CRLF . CRLF ends DATA (no bare LF forms)
-_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
 class State(enum.Enum):
@@ -53,9 +51,21 @@ class SendReply:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class MessageChunk:
+    """Content of the message being received, to be kept until StoreMessage (only
+    when the connection was made with chunk_bytes; cut at line boundaries)."""
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessageAborted:
+    """Throw away the MessageChunks of this transaction: it will not be stored."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StoreMessage:
     envelope: Envelope
-    content: bytes                   # unstuffed, CRLF line ends as received
+    content: bytes     # unstuffed, CRLF line ends as received; the rest after any MessageChunks
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,7 +73,7 @@ class CloseConnection:
     pass
 
 
-Event = Union[SendReply, StoreMessage, CloseConnection]
+Event = Union[SendReply, MessageChunk, MessageAborted, StoreMessage, CloseConnection]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,8 +94,10 @@ _SESSION_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.R
 class SMTPConnection:
     """One SMTP session's protocol state. Not thread-safe; one per connection."""
 
-    def __init__(self, config: Config, router: Router, client_address: str = "unknown"):
+    def __init__(self, config: Config, router: Router, client_address: str = "unknown",
+                 chunk_bytes: int | None = None):
         self.config = config
+        self.chunk_bytes = chunk_bytes   # hand out DATA in MessageChunks past this size
         self.router = router
         self.client_address = client_address
         self.state = State.CONNECTED
@@ -225,39 +237,27 @@ class SMTPConnection:
     # --- DATA -------------------------------------------------------------------
 
     def _take_data(self, pos: int, events: list[Event]) -> int:
-        search_from = max(0, len(self._data) - (len(END_OF_DATA) - 1))
+        framer = self._framer
         with memoryview(self._buf) as view:
-            self._data += view[pos:]
-        end = self._data.find(END_OF_DATA, search_from)
-        if end < 0:
-            self._trim_oversized_data()
+            pieces, leftover = framer.feed(view[pos:])
+        if leftover is None:
+            if framer.oversized and self._chunks_sent:
+                self._chunks_sent = False
+                events.append(MessageAborted())
+            for piece in pieces:
+                self._chunks_sent = True
+                events.append(MessageChunk(piece))
             return len(self._buf)
-        leftover = len(self._data) - (end + len(END_OF_DATA))
-        # _data starts with the CRLF sentinel put there at DATA; keep the last CRLF.
-        oversized = self._data_oversized or end - 2 > self.config.max_size_bytes
-        message = b"" if oversized else bytes(self._data[:end + 2])
-        self._data = bytearray()
         self.commands_done += 1
-        if oversized:
+        if framer.oversized:
             self._abort_transaction(events, R.MESSAGE_TOO_BIG)
+        elif framer.received_headers > MAX_RECEIVED_HEADERS:
+            self._abort_transaction(events, R.LOOP_DETECTED)
         else:
-            self._end_of_data(message, events)
+            self._end_of_data(pieces[0], events)
         return len(self._buf) - leftover
 
-    def _trim_oversized_data(self) -> None:
-        # Past the limit keep reading to the end marker (RFC 1870 §6.3 replies after it),
-        # holding on to only the tail the marker could start in.
-        if len(self._data) > self.config.max_size_bytes + len(END_OF_DATA):
-            self._data_oversized = True
-            del self._data[:-(len(END_OF_DATA) - 1)]
-
-    def _end_of_data(self, message: bytes, events: list[Event]) -> None:
-        content = message.replace(b"\r\n.", b"\r\n")[2:]   # RFC 5321 §4.5.2 unstuffing
-        header_end = content.find(b"\r\n\r\n")
-        headers = content if header_end < 0 else content[:header_end + 2]
-        if len(_RECEIVED.findall(headers)) > MAX_RECEIVED_HEADERS:
-            self._abort_transaction(events, R.LOOP_DETECTED)
-            return
+    def _end_of_data(self, content: bytes, events: list[Event]) -> None:
         envelope = Envelope(
             mail_from=self._mail_from.text,
             recipients=tuple(self._recipients),
@@ -270,6 +270,8 @@ class SMTPConnection:
         events.append(StoreMessage(envelope, content))
 
     def _abort_transaction(self, events: list[Event], reply: R.Reply) -> None:
+        if self._chunks_sent:
+            events.append(MessageAborted())
         self._reset_transaction()
         self.state = State.GREETED
         self._reply(events, reply)
@@ -295,8 +297,8 @@ class SMTPConnection:
         self._recipients: list[Recipient] = []
         self._smtputf8 = False
         self._body = "7BIT"
-        self._data = bytearray()
-        self._data_oversized = False
+        self._framer = DataFramer(self.config.max_size_bytes, self.chunk_bytes)
+        self._chunks_sent = False
 
     # --- command handlers -----------------------------------------------------------
 
@@ -391,8 +393,7 @@ class SMTPConnection:
         if arg:
             return R.fill(R.BAD_SYNTAX, "DATA")
         self.state = State.DATA
-        self._data = bytearray(b"\r\n")   # sentinel: a '.' line at the very start ends DATA
-        self._data_oversized = False
+        self._framer = DataFramer(self.config.max_size_bytes, self.chunk_bytes)
         return R.START_DATA
 
     def do_rset(self, arg: str) -> R.Reply:

@@ -47,12 +47,58 @@ class QueuedMessage:
     queue_id: str
     envelope: Envelope
     received_at: float       # time.time() when it was accepted
-    content: bytes
+    content: bytes = b""
+    external: bool = False   # content is in data/ID, not in the batch
+    size: int = 0            # of the content, wherever it is
+
+
+class SpillFile:
+    """Content of a large message as it arrives, in tmp/ until it is committed."""
+
+    def __init__(self, spool_dir: str, name: str):
+        self.path = os.path.join(queue_paths(spool_dir)["tmp"], name)
+        self.size = 0
+        self.error: OSError | None = None
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                       | os.O_CLOEXEC, 0o600)
+
+    @classmethod
+    def failed(cls, error: OSError) -> "SpillFile":
+        """A spill file that could not be created: it swallows writes and fails commit."""
+        spill = cls.__new__(cls)
+        spill.path, spill.size, spill.error, spill._fd = "", 0, error, None
+        return spill
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None or self._fd is None:
+            return
+        try:
+            write_all(self._fd, [data])   # page cache: fast enough for the event loop
+            self.size += len(data)
+        except OSError as e:
+            self.error = e   # reported when the message is stored: 452 / 451
+
+    def commit_to(self, path: str) -> None:
+        """fsync and move into place (blocking; in the committer's thread)."""
+        if self.error is not None:
+            raise self.error
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.rename(self.path, path)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path:
+            unlink_quietly(self.path)
 
 
 def queue_paths(spool_dir: str) -> dict[str, str]:
     base = os.path.join(spool_dir, STATE_DIR)
-    return {name: os.path.join(base, name) for name in ("tmp", "queue", "done")}
+    return {name: os.path.join(base, name) for name in ("tmp", "queue", "data", "done")}
 
 
 def make_dirs(spool_dir: str) -> None:
@@ -100,6 +146,8 @@ def encode_record(message: QueuedMessage) -> bytes:
         "client": env.client_address,
         "body": env.body,
         "time": message.received_at,
+        "external": message.external,
+        "size": message.size,
     }, ensure_ascii=True).encode()
     return b"%d %d\n" % (len(envelope_json), len(message.content)) + envelope_json
 
@@ -128,15 +176,23 @@ def decode_batch(data: bytes) -> Iterator[QueuedMessage]:
             ),
             received_at=fields["time"],
             content=content,
+            external=fields.get("external", False),
+            size=fields.get("size", len(content)),
         )
 
 
-def write_batch(spool_dir: str, messages: list[QueuedMessage]) -> str:
-    """Write messages durably as one batch; returns the batch name. Blocking."""
+def write_batch(spool_dir: str, messages: list[QueuedMessage],
+                spills: dict[str, SpillFile] | None = None) -> str:
+    """Write messages durably as one batch; returns the batch name. Blocking.
+    spills: queue ID -> spilled content of the external messages."""
     paths = queue_paths(spool_dir)
     name = messages[0].queue_id
     tmp_path = os.path.join(paths["tmp"], name)
     try:
+        for queue_id, spill in (spills or {}).items():
+            spill.commit_to(os.path.join(paths["data"], queue_id))
+        if spills:
+            fsync_dir(paths["data"])
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             chunks = []
@@ -151,11 +207,10 @@ def write_batch(spool_dir: str, messages: list[QueuedMessage]) -> str:
         fsync_dir(paths["queue"])
     except OSError as e:
         unlink_quietly(tmp_path)
+        for queue_id in spills or {}:
+            unlink_quietly(os.path.join(paths["data"], queue_id))
         raise QueueError(e) from e
     return name
-
-
-
 
 
 # --- the delivery side ------------------------------------------------------------
@@ -191,7 +246,23 @@ def mark_done(spool_dir: str, name: str, copies: list[tuple[str, str]]) -> None:
         os.close(fd)
 
 
-def remove_batch(spool_dir: str, name: str) -> None:
+def content_pieces(spool_dir: str, message: QueuedMessage,
+                   piece_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The message's content, from the batch or in pieces from data/ID."""
+    if not message.external:
+        yield message.content
+        return
+    with open(os.path.join(queue_paths(spool_dir)["data"], message.queue_id), "rb") as f:
+        while piece := f.read(piece_bytes):
+            yield piece
+
+
+def remove_batch(spool_dir: str, name: str, messages: list[QueuedMessage]) -> None:
+    # The batch first: a crash in between leaves an orphan data file, never a batch
+    # whose content is gone.
     paths = queue_paths(spool_dir)
     os.unlink(os.path.join(paths["queue"], name))
+    for message in messages:
+        if message.external:
+            unlink_quietly(os.path.join(paths["data"], message.queue_id))
     unlink_quietly(os.path.join(paths["done"], name))

@@ -22,8 +22,12 @@ from . import replies as R
 from .committer import GroupCommitter
 from .config import Config
 from .mailboxes import Router
-from .protocol import CloseConnection, Event, SendReply, SMTPConnection, StoreMessage
-from .queue import QueueError
+from .protocol import (CloseConnection, Event, MessageAborted, MessageChunk, SendReply,
+                       SMTPConnection, StoreMessage)
+from .queue import QueueError, SpillFile
+
+# Messages larger than this go to a file as they arrive instead of staying in memory.
+SPILL_BYTES = 1 << 20
 
 log = logging.getLogger("ccsmtp.smtpd")
 
@@ -69,7 +73,7 @@ class SMTPSession(asyncio.Protocol):
         self._deadline = 0.0
         self._commands_seen = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._started = time.monotonic()
+        self._spill: SpillFile | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -88,7 +92,7 @@ class SMTPSession(asyncio.Protocol):
             transport.write(bytes(R.TOO_MANY_CONNECTIONS))
             transport.close()
             return
-        self.conn = SMTPConnection(self.config, self.router, self.client_ip)
+        self.conn = SMTPConnection(self.config, self.router, self.client_ip, chunk_bytes=SPILL_BYTES)
         self._arm_deadline()
         self._run(self.conn.greeting())
 
@@ -105,6 +109,7 @@ class SMTPSession(asyncio.Protocol):
             self._timer.cancel()
         self.hooks.closed(self)
         self.hooks.release(self.client_ip)
+        self._discard_spill()
         if self.conn is not None:
             log.info("disconnect from [%s] commands=%d messages=%d%s", self.client_ip,
                      self.conn.commands_done, self.conn.messages_accepted,
@@ -149,6 +154,10 @@ class SMTPSession(asyncio.Protocol):
                     self._delay_then(event)
                     return
                 self.transport.write(event.data)
+            elif isinstance(event, MessageChunk):
+                self._keep_chunk(event.data)
+            elif isinstance(event, MessageAborted):
+                self._discard_spill()
             elif isinstance(event, StoreMessage):
                 self._store(event)
             elif isinstance(event, CloseConnection):
@@ -175,10 +184,25 @@ class SMTPSession(asyncio.Protocol):
 
         asyncio.get_running_loop().call_later(self.config.error_delay_s, resume)
 
+    def _keep_chunk(self, data: bytes) -> None:
+        if self._spill is None:
+            try:
+                self._spill = self.committer.spill_file()
+            except OSError as e:
+                log.warning("cannot spill a large message to disk: %s", e)
+                self._spill = SpillFile.failed(e)
+        self._spill.write(data)
+
+    def _discard_spill(self) -> None:
+        if self._spill is not None:
+            self._spill.discard()
+            self._spill = None
+
     def _store(self, event: StoreMessage) -> None:
         self._busy = True
-        future = self.committer.submit(event.envelope, event.content)
-        size = len(event.content)
+        spill, self._spill = self._spill, None
+        future = self.committer.submit(event.envelope, event.content, spill)
+        size = spill.size if spill is not None else len(event.content)
         future.add_done_callback(lambda f: self._guarded(lambda: self._stored(f, event, size)))
 
     def _stored(self, future: asyncio.Future[str], event: StoreMessage, size: int) -> None:
