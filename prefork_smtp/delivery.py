@@ -86,6 +86,7 @@ class Delivery:
         setproctitle("ccsmtp: delivery [waiting for lock]")
         lock_fd = self._take_delivery_lock()
         try:
+            self.recover()
             self._loop()
         finally:
             os.close(lock_fd)
@@ -156,13 +157,40 @@ class Delivery:
         if self.scoreboard is not None:
             self.scoreboard.beat(self.slot, 0, self.delivered)
 
+    # --- recovery -----------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Settle queued copies that are already in their mailbox.
+
+        A predecessor that died between a mailbox's fsync and removing the batch
+        left copies that are delivered but still queued; delivering them again
+        would duplicate mail whose 250 the client did get. Runs once at start.
+        """
+        spool = self.config.spool_dir
+        names = queue.ready_batches(spool)
+        present: dict[str, set[str]] = {}
+        while names:
+            batches, consumed = self._load_batches(names)
+            names = names[consumed:]
+            found: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+            for batch in batches:
+                for copy in batch.copies():
+                    if copy.mailbox not in present:
+                        present[copy.mailbox] = mbox.delivered_ids(spool, copy.mailbox)
+                    if copy.message.queue_id in present[copy.mailbox]:
+                        self._log_copy(copy, "sent", f"found in mailbox {copy.mailbox} at start-up")
+                        found[batch.name].append((copy.message.queue_id, copy.mailbox))
+            for batch in batches:
+                if found.get(batch.name):
+                    self._settle(batch, found[batch.name])
+
     # --- one round ----------------------------------------------------------------
 
     def deliver_round(self) -> int:
         """Deliver what is ready; returns how many batches are left in the queue."""
         spool = self.config.spool_dir
         names = queue.ready_batches(spool)
-        batches = self._load_batches(names)
+        batches, _ = self._load_batches(names)
         by_mailbox: dict[str, list[Copy]] = collections.defaultdict(list)
         for batch in batches:
             for copy in batch.copies():
@@ -175,9 +203,12 @@ class Delivery:
         finished = sum(self._settle(batch, delivered.get(batch.name, [])) for batch in batches)
         return len(names) - finished
 
-    def _load_batches(self, names: list[str]) -> list[Batch]:
-        batches, total = [], 0
+    def _load_batches(self, names: list[str]) -> tuple[list[Batch], int]:
+        """Batches from the front of names, up to ROUND_BYTES of content; and how
+        many names that used up."""
+        batches, total, consumed = [], 0, 0
         for name in names:
+            consumed += 1
             try:
                 messages = queue.read_batch(self.config.spool_dir, name)
             except FileNotFoundError:
@@ -189,7 +220,7 @@ class Delivery:
             total += sum(len(m.content) for m in messages)
             if total >= ROUND_BYTES:
                 break
-        return batches
+        return batches, consumed
 
     def _append(self, mailbox: str, copies: list[Copy]) -> bool:
         now = time.monotonic()

@@ -13,6 +13,7 @@ that fails is truncated back to the old length, so no half message is ever left.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import stat
@@ -79,6 +80,25 @@ def mboxrd_body(pieces: Iterable[bytes]) -> Iterator[bytes]:
 
 def _quote(lines: bytes) -> bytes:
     return _FROM_LINE.sub(rb">\1", lines.replace(b"\r\n", b"\n"))
+
+
+# Our own trace headers, right after a From_ line: content cannot forge this, as
+# every '^From ' line in content is quoted.
+_OUR_COPY = re.compile(rb"^From [^\n]*\nReturn-Path: [^\n]*\nReceived: [^\n]*\n"
+                       rb"\tby [^\n]* \(ccsmtp\) with \w+ id ([0-9A-F]+)\n", re.MULTILINE)
+
+
+def delivered_ids(spool_dir: str, mailbox: str) -> set[str]:
+    """Queue IDs of the copies already in a mailbox: after a crash between the
+    mailbox's fsync and the queue's clean-up, they must not be delivered again."""
+    try:
+        with open(mailbox_path(spool_dir, mailbox), "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return set()
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return {m.group(1).decode() for m in _OUR_COPY.finditer(data)}
+    except FileNotFoundError:
+        return set()
 
 
 def mailbox_path(spool_dir: str, mailbox: str) -> str:
