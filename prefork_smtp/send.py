@@ -217,11 +217,13 @@ def resolve(server: str) -> tuple[int, tuple]:
     """HOST:PORT, [V6]:PORT or HOST -> (family, sockaddr), resolved once up front."""
     match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]*)(?::(\d+))?", server)
     if not match:
-        raise SMTPClientError(f"--server {server!r} is not HOST:PORT ([::1]:25 for IPv6)")
+        raise SMTPClientError(f"--server {server!r} is not HOST:PORT ([::1]:25 for IPv6)",
+                              "usage")
     host = match.group(1) or match.group(3) or "127.0.0.1"
     port = int(match.group(2) or match.group(4) or DEFAULT_PORT)
     if not 0 < port < 65536:
-        raise SMTPClientError(f"--server {server!r}: port {port} is out of range 1-65535")
+        raise SMTPClientError(f"--server {server!r}: port {port} is out of range 1-65535",
+                              "usage")
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -248,8 +250,9 @@ async def connect(family: int, sockaddr: tuple, timeout_s: float) -> ClientProto
                               f"no answer within {timeout_s:g} s", "connect") from None
     except OSError as e:
         sock.close()
-        raise SMTPClientError(f"cannot connect to {server_name(sockaddr)}: "
-                              f"{e.strerror or e}", "connect") from None
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise SMTPClientError(f"cannot connect to {server_name(sockaddr)}: {reason}",
+                              "connect") from None
     return proto
 
 
@@ -483,15 +486,15 @@ class MessageFactory:
 
 
 def filler(size: int) -> bytes:
-    """About SIZE bytes of body (exactly, for SIZE >= 2): CRLF-ended lines."""
-    if size <= 0:
+    """SIZE bytes of body in CRLF-ended lines (nothing for SIZE < 2: no room for CRLF)."""
+    if size < 2:
         return b""
     line = (b"0123456789abcdefghijklmnopqrstuvwxyz" * 3)[:FILLER_WIDTH - 2] + b"\r\n"
     lines, remainder = divmod(size, len(line))
     if remainder == 1 and lines:
         return line * (lines - 1) + b"x" + line      # one line one octet longer
     tail = b"x" * (remainder - 2) + b"\r\n" if remainder >= 2 else b""
-    return line * lines + (tail if remainder != 1 else b"\r\n")
+    return line * lines + tail
 
 
 # --- load mode -------------------------------------------------------------------------
@@ -646,8 +649,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {}
     ordered = sorted(values)
 
-    def rank(p: float) -> float:
-        index = max(0, min(len(ordered) - 1, int(round(p / 100.0 * len(ordered) + 0.5)) - 1))
+    def rank(p: int) -> float:
+        index = max(0, -(-p * len(ordered) // 100) - 1)   # ceil(p% of n), 1-based
         return ordered[index] * 1000.0
 
     return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1] * 1000.0,
@@ -786,7 +789,8 @@ _SAFE_ADDRESS = re.compile(r"[^\s<>\x00-\x1f\x7f]*")
 
 def check_address(address: str, option: str) -> str:
     if not _SAFE_ADDRESS.fullmatch(address):
-        raise SMTPClientError(f"{option} {address!r}: no spaces, '<', '>' or control characters")
+        raise SMTPClientError(f"{option} {address!r}: no spaces, '<', '>' or control characters",
+                              "usage")
     return address
 
 
@@ -831,7 +835,7 @@ def run(argv: Sequence[str] | None) -> int:
     for rcpt in args.to:
         check_address(rcpt, "--to")
     if any(c in args.helo for c in " \t\r\n"):
-        raise SMTPClientError(f"--helo {args.helo!r}: must be one word")
+        raise SMTPClientError(f"--helo {args.helo!r}: must be one word", "usage")
     family, sockaddr = resolve(args.server)
     if load_mode:
         return run_load(args, family, sockaddr)

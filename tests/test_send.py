@@ -1,0 +1,545 @@
+"""Tests for ccsmtp-send (prefork_smtp/send.py), the client and load generator.
+
+Most tests run the client's main() in-process against Sink, a small asyncio SMTP
+server on a loopback port in a background thread that records what arrived and
+can misbehave on request (no PIPELINING, no EHLO, refusals, silence). One test
+runs bin/ccsmtp-send as a subprocess (exit status, no traceback) and one sends
+load to the real ccsmtp master and counts the messages in its mbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from prefork_smtp import send
+
+REPO = Path(__file__).resolve().parent.parent
+SEND = REPO / "bin" / "ccsmtp-send"
+MASTER = REPO / "bin" / "ccsmtp-master"
+QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as (\S+)$")
+
+
+# --- the sink --------------------------------------------------------------------------
+
+@dataclass
+class Transaction:
+    mail_from: bytes
+    rcpts: list[bytes]
+    wire: bytes = b""               # as received: dot-stuffed, without the final ".\r\n"
+
+    @property
+    def content(self) -> bytes:     # RFC 5321 §4.5.2: undo the dot-stuffing
+        return re.sub(rb"(?m)^\.", b"", self.wire)
+
+    def header(self, name: str) -> list[bytes]:
+        head = self.content.split(b"\r\n\r\n", 1)[0]
+        return re.findall(rb"(?im)^" + name.encode() + rb":[ \t]*(.*?)\r$", head + b"\r")
+
+
+@dataclass
+class SinkOptions:
+    greeting: bytes = b"220 sink.test ESMTP"
+    ehlo: bool = True                 # False: 502 to EHLO, the client must fall back to HELO
+    pipelining: bool = True
+    hold_until_data: bool = False     # withhold replies until DATA: a client that waits deadlocks
+    refuse_every: int = 0             # 554 at the end of every Nth message
+    silent_after_data: bool = False   # never answer the final dot
+
+
+@dataclass
+class Sink:
+    options: SinkOptions = field(default_factory=SinkOptions)
+    transactions: list[Transaction] = field(default_factory=list)
+    commands: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    pipelined: int = 0                # commands that arrived before the previous reply went out
+    content_reads: int = 0            # data_received calls while in DATA
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> "Sink":
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._serve(), self._loop)
+        self._server = future.result(5)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self) -> asyncio.base_events.Server:
+        return await self._loop.create_server(lambda: SinkSession(self), "127.0.0.1", 0)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class SinkSession(asyncio.Protocol):
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.opt = sink.options
+        self.buf = b""
+        self.txn: Transaction | None = None
+        self.in_data = False
+        self.held: list[bytes] = []
+        self.mute = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.sink.connections += 1
+        transport.write(self.opt.greeting + b"\r\n")
+
+    def reply(self, line: bytes) -> None:
+        if self.opt.hold_until_data and self.txn is not None and not line.startswith(b"354"):
+            self.held.append(line)
+            return
+        self.transport.write(b"".join(held + b"\r\n" for held in self.held) + line + b"\r\n")
+        self.held = []
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.in_data:
+            self.sink.content_reads += 1
+        while True:
+            if self.in_data:
+                end = self.buf.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.txn.wire += self.buf[:end + 2]
+                self.buf = self.buf[end + 5:]
+                self.in_data = False
+                self.end_of_data()
+                continue
+            line, sep, rest = self.buf.partition(b"\r\n")
+            if not sep or self.mute:
+                return
+            self.buf = rest
+            if rest:
+                self.sink.pipelined += 1
+            self.command(line)
+
+    def end_of_data(self) -> None:
+        txn, self.txn = self.txn, None
+        sink = self.sink
+        with sink._lock:
+            sink.transactions.append(txn)
+            number = len(sink.transactions)
+        if self.opt.silent_after_data:
+            self.mute = True                    # hear nothing more, say nothing more
+            return
+        if self.opt.refuse_every and number % self.opt.refuse_every == 0:
+            self.reply(b"554 5.7.1 refused by the sink")
+        else:
+            self.reply(b"250 2.0.0 Ok: queued as SINK%d" % number)
+
+    def command(self, line: bytes) -> None:
+        self.sink.commands.append(line)
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            if not self.opt.ehlo:
+                return self.reply(b"502 5.5.1 no EHLO here")
+            ext = [b"sink.test", b"SIZE 100000000", b"8BITMIME"]
+            if self.opt.pipelining:
+                ext.append(b"PIPELINING")
+            self.transport.write(b"".join(b"250-" + e + b"\r\n" for e in ext[:-1])
+                                 + b"250 " + ext[-1] + b"\r\n")
+        elif verb == b"HELO":
+            self.reply(b"250 sink.test")
+        elif verb == b"MAIL":
+            address = line.split(b":", 1)[1].split(b">", 1)[0].lstrip(b" <")
+            if address == b"bad@sender.test":
+                return self.reply(b"550 5.7.1 sender refused")
+            self.txn = Transaction(address, [])
+            self.reply(b"250 2.1.0 Ok")
+        elif verb == b"RCPT":
+            address = line.split(b":", 1)[1].strip(b" <>")
+            if self.txn is None:
+                return self.reply(b"503 5.5.1 need MAIL")
+            if address.startswith(b"refuse"):
+                return self.reply(b"550 5.1.1 no such user")
+            self.txn.rcpts.append(address)
+            self.reply(b"250 2.1.5 Ok")
+        elif verb == b"DATA":
+            if self.txn is None or not self.txn.rcpts:
+                self.txn = None
+                return self.reply(b"554 5.5.1 no valid recipients")
+            self.in_data = True
+            self.reply(b"354 End data with <CR><LF>.<CR><LF>")
+        elif verb == b"RSET":
+            self.txn = None
+            self.reply(b"250 2.0.0 Ok")
+        elif verb == b"QUIT":
+            self.transport.write(b"221 2.0.0 Bye\r\n")
+            self.transport.close()
+        else:
+            self.reply(b"502 5.5.2 unknown command")
+
+
+@pytest.fixture
+def sink_factory():
+    sinks: list[Sink] = []
+
+    def make(**options) -> Sink:
+        sink = Sink(SinkOptions(**options)).start()
+        sinks.append(sink)
+        return sink
+
+    yield make
+    for sink in sinks:
+        sink.stop()
+
+
+@pytest.fixture
+def sink(sink_factory) -> Sink:
+    return sink_factory()
+
+
+def run_main(capsys, *argv: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    if stdin is not None:
+        old = sys.stdin
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+        try:
+            status = send.main(list(argv))
+        finally:
+            sys.stdin = old
+    else:
+        status = send.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- message preparation (no sockets) -------------------------------------------------------
+
+@pytest.mark.parametrize("raw, wire", [
+    (b"a\nb\n", b"a\r\nb\r\n.\r\n"),
+    (b"a\r\nb", b"a\r\nb\r\n.\r\n"),
+    (b".x\n..y\nz.\n", b"..x\r\n...y\r\nz.\r\n.\r\n"),
+    (b"a\rb\r\n", b"a\r\nb\r\n.\r\n"),
+    (b"", b".\r\n"),
+])
+def test_to_wire_normalises_line_ends_and_dot_stuffs(raw, wire):
+    assert send.to_wire(raw) == wire
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 77, 78, 79, 1024, 102400])
+def test_filler_has_the_requested_size(size):
+    body = send.filler(size)
+    assert len(body) == size or (size == 1 and body == b"")
+    assert body == b"" or body.endswith(b"\r\n")
+
+
+@pytest.mark.parametrize("size", [1024, 102400, 5000])
+def test_generated_messages_have_the_requested_size_and_unique_ids(size):
+    factory = send.MessageFactory("run", "a@x.test", ["b@y.test"], size, None)
+    first, second = factory.make(0), factory.make(12345)
+    assert len(first) == len(second) == size + 3      # + the final ".\r\n"
+    assert factory.message_size == size
+    ids = [re.search(rb"Message-ID: (<[^>]+>)", m).group(1) for m in (first, second)]
+    assert ids[0] != ids[1]
+
+
+def test_template_message_id_is_replaced_and_folded_lines_removed():
+    template = b"Subject: t\nMessage-ID:\n <old@x>\nX-A: 1\n\n.body\n"
+    factory = send.MessageFactory("r", "a@x", ["b@y"], None, template)
+    wire = factory.make(7)
+    assert b"old@x" not in wire and wire.count(b"Message-ID:") == 1
+    assert b"X-A: 1\r\n" in wire and b"\r\n\r\n..body\r\n.\r\n" in wire
+
+
+@pytest.mark.parametrize("raw, kept_id", [
+    (b"Subject: s\nMessage-Id: <mine@x>\n\nbody\n", True),
+    (b"Subject: s\n\nbody\n", False),
+    (b"just a body line\n", False),
+    (b"Subject: only headers", False),
+])
+def test_single_message_gets_message_id_and_date_when_missing(raw, kept_id):
+    wire = send.prepare_single(raw)
+    head = wire.split(b"\r\n\r\n", 1)[0]
+    assert len(re.findall(rb"(?im)^Message-ID:", head)) == 1
+    assert len(re.findall(rb"(?im)^Date:", head)) == 1
+    assert (b"<mine@x>" in head) == kept_id
+    assert wire.endswith(b"\r\n.\r\n")
+
+
+@pytest.mark.parametrize("server, sockaddr", [
+    ("127.0.0.1:2525", ("127.0.0.1", 2525)),
+    ("127.0.0.1", ("127.0.0.1", 25)),
+    ("[::1]:2526", ("::1", 2526)),
+])
+def test_server_argument_forms(server, sockaddr):
+    if ":" in sockaddr[0] and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        _, got = send.resolve(server)
+    except send.SMTPClientError as e:
+        pytest.skip(f"cannot resolve here: {e}")
+    assert got[:2] == sockaddr
+
+
+def test_nearest_rank_percentiles():
+    values = [i / 1000 for i in range(1, 101)]   # 1..100 ms
+    p = send.percentiles(values)
+    assert (round(p["p50"]), round(p["p99"]), round(p["max"])) == (50, 99, 100)
+
+
+# --- send mode against the sink ----------------------------------------------------------
+
+def test_send_mode_from_file_prints_final_reply(sink, capsys, tmp_path):
+    message = tmp_path / "m.txt"
+    message.write_bytes(b"Subject: hello\n\nline one\n.leading dot\n")
+    status, out, err = run_main(capsys, str(message), "--from", "a@x.test", "--to", "b@y.test",
+                                "--to", "c@y.test", "--server", sink.server, "--helo", "me.test")
+    assert (status, err) == (0, "")
+    assert out == "250 2.0.0 Ok: queued as SINK1\n"
+    (txn,) = sink.transactions
+    assert txn.mail_from == b"a@x.test" and txn.rcpts == [b"b@y.test", b"c@y.test"]
+    assert txn.content.endswith(b"\r\n\r\nline one\r\n.leading dot\r\n")
+    assert b"\r\n..leading dot\r\n" in txn.wire
+    assert len(txn.header("Message-ID")) == 1 and len(txn.header("Date")) == 1
+    assert sink.commands[0] == b"EHLO me.test"
+    assert sink.commands[1].startswith(b"MAIL FROM:<a@x.test> SIZE=")
+    assert sink.commands[-1] == b"QUIT"
+
+
+def test_send_mode_reads_stdin(sink, capsys):
+    status, out, _ = run_main(capsys, "--to", "b@y.test", "--server", sink.server,
+                              stdin=b"Subject: s\n\nfrom stdin\n")
+    assert status == 0 and QUEUED.match(out.strip().replace("SINK", "X"))
+    assert sink.transactions[0].content.endswith(b"from stdin\r\n")
+
+
+def test_pipelines_mail_rcpt_data_when_offered(sink_factory, capsys):
+    # The sink answers nothing before DATA: a client that waited for MAIL's reply hangs.
+    sink = sink_factory(hold_until_data=True)
+    status, out, err = run_main(capsys, "--to", "b@y.test", "--to", "c@y.test", "--server",
+                                sink.server, "--timeout", "3", stdin=b"Subject: s\n\nx\n")
+    assert status == 0, err
+    assert sink.pipelined >= 3          # RCPT, RCPT and DATA were queued behind MAIL
+
+
+def test_one_command_at_a_time_without_pipelining(sink_factory, capsys):
+    sink = sink_factory(pipelining=False)
+    status, _, err = run_main(capsys, "--to", "b@y.test", "--to", "c@y.test",
+                              "--server", sink.server, stdin=b"Subject: s\n\nx\n")
+    assert status == 0, err
+    assert sink.pipelined == 0
+    assert [c.split(b":")[0] for c in sink.commands[1:]] == [
+        b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA", b"QUIT"]
+
+
+def test_falls_back_to_helo(sink_factory, capsys):
+    sink = sink_factory(ehlo=False)
+    status, _, err = run_main(capsys, "--to", "b@y.test", "--server", sink.server,
+                              "--helo", "me.test", stdin=b"x\n")
+    assert status == 0, err
+    assert sink.commands[:2] == [b"EHLO me.test", b"HELO me.test"]
+    assert b"SIZE=" not in sink.commands[2]        # no EHLO, no extensions
+
+
+def test_refused_recipient_is_a_warning_and_exit_1(sink, capsys):
+    status, out, err = run_main(capsys, "--to", "b@y.test", "--to", "refuse@y.test",
+                                "--server", sink.server, stdin=b"x\n")
+    assert status == 1
+    assert out.startswith("250 ")
+    assert err == "ccsmtp-send: warning: recipient <refuse@y.test> refused: 550 5.1.1 no such user\n"
+    assert sink.transactions[0].rcpts == [b"b@y.test"]
+
+
+@pytest.mark.parametrize("options, args, message", [
+    ({}, ["--to", "refuse@y.test"], "recipient <refuse@y.test> refused: 550 5.1.1 no such user"),
+    ({}, ["--to", "b@y.test", "--from", "bad@sender.test"], "sender <bad@sender.test> refused"),
+    ({"greeting": b"554 5.3.2 go away"}, ["--to", "b@y.test"],
+     "server refused the session: 554 5.3.2 go away"),
+    ({"silent_after_data": True}, ["--to", "b@y.test", "--timeout", "0.3"],
+     "no reply to the end of the message within 0.3 s"),
+    ({"refuse_every": 1}, ["--to", "b@y.test"], "message refused: 554 5.7.1 refused by the sink"),
+])
+def test_failures_are_one_line_and_exit_1(sink_factory, capsys, options, args, message):
+    sink = sink_factory(**options)
+    status, out, err = run_main(capsys, *args, "--server", sink.server, stdin=b"x\n")
+    assert status == 1 and out == ""
+    assert err.startswith("ccsmtp-send: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_slow_sends_the_content_line_by_line(sink, capsys):
+    started = time.monotonic()
+    status, _, err = run_main(capsys, "--to", "b@y.test", "--server", sink.server,
+                              "--slow", "0.05", stdin=b"Subject: s\n\n1\n2\n3\n")
+    assert status == 0, err
+    assert time.monotonic() - started >= 0.3      # 7 lines with Message-ID and Date, 0.05 s each
+    assert sink.content_reads >= 5
+
+
+def test_large_message_is_sent_whole(sink, capsys, tmp_path):
+    body = b"".join(b"%07d " % i + b"y" * 70 + b"\n" for i in range(40000))   # ~3 MB
+    message = tmp_path / "big"
+    message.write_bytes(b"Subject: big\n\n" + body)
+    status, _, err = run_main(capsys, str(message), "--to", "b@y.test", "--server", sink.server)
+    assert status == 0, err
+    assert sink.transactions[0].content.endswith(body.replace(b"\n", b"\r\n"))
+
+
+# --- load mode against the sink ----------------------------------------------------------------
+
+def test_load_sends_every_message_once_with_unique_ids(sink, capsys):
+    status, out, err = run_main(capsys, "--count", "203", "--concurrency", "10", "--size", "2000",
+                                "--per-connection", "7", "--to", "b@y.test",
+                                "--server", sink.server, "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert (result["accepted"], result["failed"], result["errors"]) == (203, 0, {})
+    assert result["connections"] == sink.connections == 29          # ceil(203 / 7)
+    ids = [t.header("Message-ID")[0] for t in sink.transactions]
+    assert len(ids) == len(set(ids)) == 203
+    assert all(result["run_id"].encode() in i for i in ids)
+    assert {len(t.content) for t in sink.transactions} == {2000}
+    assert result["message_size"] == 2000
+    assert result["msgs_per_s"] > 0 and result["latency_ms"]["p99"] >= result["latency_ms"]["p50"]
+    assert len(sink.commands) == 29 * 2 + 203 * 3     # EHLO + QUIT per connection; MAIL RCPT DATA
+
+
+def test_load_text_report(sink, capsys):
+    status, out, _ = run_main(capsys, "--count", "20", "--concurrency", "4", "--to", "b@y.test",
+                              "--server", sink.server)
+    assert status == 0
+    assert re.search(r"^20 of 20 messages accepted by 127\.0\.0\.1:\d+ in [\d.]+ s: "
+                     r"[\d.]+ msgs/s", out)
+    assert "p50" in out and "errors: none" in out
+
+
+def test_load_counts_refusals_and_keeps_going(sink_factory, capsys):
+    sink = sink_factory(refuse_every=5)
+    status, out, err = run_main(capsys, "--count", "50", "--concurrency", "3", "--per-connection",
+                                "10", "--to", "b@y.test", "--server", sink.server, "--json")
+    assert status == 1
+    result = json.loads(out)
+    assert (result["accepted"], result["failed"], result["errors"]) == (40, 10, {"message": 10})
+    assert "554 5.7.1" in result["first_errors"]["message"]
+    assert err == "ccsmtp-send: error: 10 of 50 messages failed\n"
+
+
+def test_load_against_nothing_fails_in_one_line(capsys):
+    status, out, err = run_main(capsys, "--count", "10", "--concurrency", "2", "--to", "b@y.test",
+                                "--server", f"127.0.0.1:{free_port()}")
+    assert status == 1
+    assert err.endswith("Connection refused\n") and err.count("\n") == 1
+
+
+def test_idle_connections_are_held_while_the_load_runs(sink, capsys):
+    status, out, err = run_main(capsys, "--idle", "60", "--count", "5", "--to", "b@y.test",
+                                "--server", sink.server, "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["idle"] == {"requested": 60, "held": 60, "errors": {}}
+    assert result["accepted"] == 5 and sink.connections == 65
+    assert result["greeting_ms"]["max"] < 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--server", "127.0.0.1:1"], "no recipient: give at least one --to ADDR"),
+    (["--to", "b@y", "--size", "10"], "--size needs --count"),
+    (["--to", "b@y", "--count", "x"], "argument --count: 'x' is not a whole number"),
+    (["--to", "b y@z"], "--to 'b y@z': no spaces"),
+    (["--to", "b@y", "--server", "h:99999"], "port 99999 is out of range"),
+])
+def test_usage_errors_exit_2_in_one_line(capsys, args, message):
+    try:
+        status = send.main(args)
+    except SystemExit as e:           # argparse's own errors leave through SystemExit
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and err.count("\n") == 1 and err.startswith("ccsmtp-send: usage error:")
+
+
+def test_script_connection_refused_without_traceback():
+    port = free_port()
+    proc = subprocess.run([sys.executable, str(SEND), "--to", "b@y", "--server",
+                           f"127.0.0.1:{port}"], input=b"x\n", capture_output=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr == f"ccsmtp-send: error: cannot connect to 127.0.0.1:{port}: " \
+                          f"Connection refused\n".encode()
+    assert proc.stdout == b""
+
+
+# --- against the real server -------------------------------------------------------------------
+
+@pytest.fixture
+def ccsmtp_server():
+    """bin/ccsmtp-master -w 1 on a loopback port; as root it runs as nobody."""
+    base = tempfile.mkdtemp(prefix="ccsmtp-send-test-")
+    os.chmod(base, 0o755)              # nobody must be able to reach the spool
+    spool = os.path.join(base, "spool")
+    port = free_port()
+    args = [sys.executable, str(MASTER), "-w", "1", "-l", f"127.0.0.1:{port}", "-s", spool,
+            "-d", "example.org", "--log-file", os.path.join(base, "log")]
+    if os.geteuid() == 0:
+        args += ["-u", "nobody"]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+                if s.recv(100).startswith(b"220"):
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ccsmtp-master did not start: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+        yield port, spool
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_load_against_ccsmtp_is_delivered_once_each(ccsmtp_server, capsys):
+    port, spool = ccsmtp_server
+    status, out, err = run_main(capsys, "--count", "120", "--concurrency", "6", "--per-connection",
+                                "4", "--to", "alice@example.org", "--to", "bob@example.org",
+                                "--server", f"127.0.0.1:{port}", "--json")
+    assert status == 0, err
+    assert json.loads(out)["accepted"] == 120
+    for mailbox in ("alice", "bob"):
+        path = Path(spool, mailbox)
+        deadline = time.monotonic() + 10
+        while True:
+            data = path.read_bytes() if path.exists() else b""
+            ids = re.findall(rb"(?im)^Message-ID: (<[^>]+>)$", data)
+            if len(ids) >= 120 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(ids) == len(set(ids)) == 120, mailbox
+        assert len(re.findall(rb"^From ", data, re.M)) == 120
