@@ -147,14 +147,19 @@ class SMTPSession(asyncio.Protocol):
         self._rearm_if_progress()
 
     def _drain(self) -> None:
+        # Replies to pipelined commands go out in one write (one syscall, one segment).
+        out: list[bytes] = []
         while self._pending and not self._busy and self.transport is not None:
             event = self._pending.popleft()
             if isinstance(event, SendReply):
                 if event.is_error and self._should_tarpit():
+                    self._flush(out)
                     self._delay_then(event)
                     return
-                self.transport.write(event.data)
-            elif isinstance(event, MessageChunk):
+                out.append(event.data)
+                continue
+            self._flush(out)
+            if isinstance(event, MessageChunk):
                 self._keep_chunk(event.data)
             elif isinstance(event, MessageAborted):
                 self._discard_spill()
@@ -163,7 +168,13 @@ class SMTPSession(asyncio.Protocol):
             elif isinstance(event, CloseConnection):
                 self._pending.clear()
                 self.transport.close()
+        self._flush(out)
         self._update_reading()
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        out.clear()
 
     def _should_tarpit(self) -> bool:
         # Postfix smtpd_soft_error_limit / smtpd_error_sleep_time: slow down a client
