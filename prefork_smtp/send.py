@@ -454,7 +454,7 @@ class MessageFactory:
     """
 
     def __init__(self, run_id: str, mail_from: str, recipients: Sequence[str],
-                 size: int | None, template: bytes | None):
+                 size: int | None, template: bytes | None, rotate: bool = False):
         self.run_id = run_id
         if template is not None:
             text = _LINE_END.sub(b"\r\n", template)
@@ -465,8 +465,11 @@ class MessageFactory:
             if not rest:
                 rest = b"\r\n"
         else:
+            # With --rotate each message has one of the recipients: the To: field
+            # stays the same for all, so that every message has the same size.
+            to = "undisclosed-recipients:;" if rotate else ", ".join(f"<{r}>" for r in recipients)
             headers = (f"From: <{mail_from}>\r\n"
-                       f"To: {', '.join(f'<{r}>' for r in recipients)}\r\n"
+                       f"To: {to}\r\n"
                        f"Subject: ccsmtp-send load test {run_id}\r\n"
                        f"Date: {email.utils.formatdate(localtime=True)}\r\n").encode()
             rest = b"\r\n"
@@ -536,6 +539,12 @@ class LoadPlan:
     timeout_s: float
     idle: int
     hold_s: float
+    rotate: bool = False
+
+    def recipients_of(self, seq: int) -> tuple[str, ...]:
+        if self.rotate:
+            return (self.recipients[seq % len(self.recipients)],)
+        return self.recipients
 
 
 class Load:
@@ -616,7 +625,7 @@ class Load:
             last = i == len(batch) - 1
             began = session.started_at if i == 0 else time.perf_counter()
             try:
-                await send_message(session, plan.mail_from, plan.recipients,
+                await send_message(session, plan.mail_from, plan.recipients_of(seq),
                                    self.factory.make(seq), plan.timeout_s, plan.slow_s,
                                    quit_after=last and session.pipelining)
             except SMTPClientError as e:
@@ -758,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="size of each generated message, headers included (default: 1024)")
     load.add_argument("--per-connection", type=_positive_int, default=1, metavar="K",
                       help="messages per connection (default: %(default)s: a new one each)")
+    load.add_argument("--rotate", action="store_true",
+                      help="with several --to, send each message to one of them in turn "
+                           "(default: every message to all)")
     load.add_argument("--idle", type=_nonnegative_int, default=0, metavar="N",
                       help="first open N connections that only wait (after the greeting) "
                            "and hold them while the load runs")
@@ -823,7 +835,8 @@ def run(argv: Sequence[str] | None) -> int:
     if not load_mode:
         for option, value, default in (("--concurrency", args.concurrency, 1),
                                        ("--per-connection", args.per_connection, 1),
-                                       ("--size", args.size, None), ("--hold", args.hold, 0.0)):
+                                       ("--size", args.size, None), ("--hold", args.hold, 0.0),
+                                       ("--rotate", args.rotate, False)):
             if value != default:
                 raise SMTPClientError(f"{option} needs --count (load mode)", "usage")
     if not args.to:
@@ -855,10 +868,10 @@ def run_load(args: argparse.Namespace, family: int, sockaddr: tuple) -> int:
     raise_fd_limit(args.concurrency + args.idle + 64)
     run_id = f"{time.time_ns():x}.{os.getpid()}"
     factory = MessageFactory(run_id, args.mail_from, args.to,
-                             1024 if args.size is None else args.size, template)
+                             1024 if args.size is None else args.size, template, args.rotate)
     plan = LoadPlan(family, sockaddr, args.helo, args.mail_from, tuple(args.to), count,
                     min(args.concurrency, max(count, 1)), args.per_connection, args.slow,
-                    args.timeout, args.idle, args.hold)
+                    args.timeout, args.idle, args.hold, args.rotate)
     stats = asyncio.run(Load(plan, factory).run())
     result = report(stats, plan, factory.message_size)
     result["run_id"] = run_id

@@ -429,6 +429,17 @@ def test_load_sends_every_message_once_with_unique_ids(sink, capsys):
     assert len(sink.commands) == 29 * 2 + 203 * 3     # EHLO + QUIT per connection; MAIL RCPT DATA
 
 
+def test_rotate_gives_each_message_one_recipient_in_turn(sink, capsys):
+    status, out, err = run_main(capsys, "--count", "9", "--concurrency", "2", "--rotate",
+                                "--to", "a@y.test", "--to", "b@y.test", "--to", "c@y.test",
+                                "--server", sink.server, "--json")
+    assert status == 0, err
+    rcpts = sorted(t.rcpts[0] for t in sink.transactions)
+    assert rcpts == [b"a@y.test"] * 3 + [b"b@y.test"] * 3 + [b"c@y.test"] * 3
+    assert all(len(t.rcpts) == 1 for t in sink.transactions)
+    assert {t.header("To")[0] for t in sink.transactions} == {b"undisclosed-recipients:;"}
+
+
 def test_load_text_report(sink, capsys):
     status, out, _ = run_main(capsys, "--count", "20", "--concurrency", "4", "--to", "b@y.test",
                               "--server", sink.server)

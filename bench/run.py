@@ -1,0 +1,517 @@
+#!/usr/bin/env python3
+"""Benchmark ccsmtp against Postfix, aiosmtpd-durable and smtp-sink (see bench/README.md).
+
+Starts every server on its own 127.0.0.1 port under one temp directory, runs the
+scenarios of issue 5 against each -- in rounds, rotating the order of the servers
+in every round so that a noisy machine hurts them alike -- checks that every
+accepted message reached its mbox file exactly once, stops everything, and prints
+one table (and, with --json-out, every raw run).
+
+    python3 bench/run.py --quick        # seconds: a smoke run
+    python3 bench/run.py                # the full run (about 12 minutes on 2 cores)
+
+Needs root for Postfix (its own instance via `postfix -c DIR`); without root, or
+without the postfix package, the Postfix column is skipped and ratios are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import MboxCounter, ProcessTree, PssSampler, message_ids  # noqa: E402
+from servers import DOMAIN, REPO, TARGETS, BenchError, Target  # noqa: E402
+
+SEND = [sys.executable, str(REPO / "bin" / "ccsmtp-send")]
+SENDER = "bench@bench.test"
+SMTP_SOURCE_HEADERS = 130      # what smtp-source adds to its -l payload, roughly
+DELIVERY_TIMEOUT_S = 60.0
+MB = 1e6
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    clients: tuple[str, ...]
+    count: int
+    concurrency: int = 1
+    size: int = 1024
+    per_connection: int = 1
+    idle: int = 0
+    timeout_s: float = 60.0
+    every_round: bool = True
+    hold_s: float = 0.0          # D: how long the idle connections stay after the probes
+    fresh: bool = False          # restart every server first (memory is measured)
+    spread: int = 1              # ccsmtp-send runs: mailboxes the messages rotate over
+
+
+# Mailboxes a ccsmtp-send run spreads its messages over in A, B, C: an MX serves
+# many users. smtp-source cannot spread, so its runs all go to one mailbox (the
+# worst case for per-message mbox locking, Postfix's in particular).
+SPREAD = 20
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    q = quick
+    idle = 300 if q else 10000
+    probes = 1 if q else 3
+    return [
+        Scenario("A", "1 KB, new connection per message, 20 sessions",
+                 ("ccsmtp-send", "smtp-source"), 200 if q else 5000, 20, spread=SPREAD),
+        Scenario("B", "1 KB, 100 messages per connection, 20 sessions",
+                 ("ccsmtp-send",), 1000 if q else 20000, 20, per_connection=100, spread=SPREAD),
+        Scenario("C", "100 KB, new connection per message, 10 sessions",
+                 ("ccsmtp-send", "smtp-source"), 60 if q else 2000, 10, size=102400,
+                 spread=SPREAD),
+        Scenario("E", "light load: one session at a time",
+                 ("ccsmtp-send",), 20 if q else 200, 1),
+        Scenario("F", f"one {5 if q else 50} MiB message", ("ccsmtp-send",), 1, 1,
+                 size=(5 if q else 50) * 2**20, timeout_s=300, every_round=False, fresh=True),
+        # (quick: no restart before D, to save seconds; its memory figure is then rough)
+        Scenario("D", f"{idle} idle connections held, then {probes} fresh client(s) one by one",
+                 ("ccsmtp-send",), probes, 1, idle=idle, timeout_s=2 if q else 5,
+                 every_round=False, fresh=not q, hold_s=0.5 if q else 2.0),
+    ]
+
+
+@dataclasses.dataclass
+class Run:
+    scenario: str
+    client: str
+    target: str
+    round: int
+    mailboxes: tuple[str, ...]
+    requested: int = 0
+    accepted: int = 0
+    failed: int = 0
+    client_elapsed_s: float = 0.0
+    wall_s: float = 0.0
+    delivered: int | None = None
+    delivered_s: float | None = None
+    message_size: int = 0
+    latency_ms: dict = dataclasses.field(default_factory=dict)
+    session_ms: dict = dataclasses.field(default_factory=dict)
+    greeting_ms: dict = dataclasses.field(default_factory=dict)
+    cpu_s: float = 0.0
+    peak_rss_max: int = 0
+    peak_rss_sum: int = 0
+    tree_pss_before: int = 0
+    tree_pss_peak: int = 0
+    idle_held: int | None = None
+    errors: dict = dataclasses.field(default_factory=dict)
+    problems: list = dataclasses.field(default_factory=list)
+
+    @property
+    def accepted_per_s(self) -> float:
+        return self.accepted / self.client_elapsed_s if self.client_elapsed_s else 0.0
+
+    @property
+    def delivered_per_s(self) -> float | None:
+        if self.delivered_s is None or not self.delivered:
+            return None
+        return self.delivered / self.delivered_s
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.accepted_per_s * self.message_size / MB
+
+    @property
+    def cpu_ms_per_msg(self) -> float | None:
+        return self.cpu_s * 1000 / self.accepted if self.accepted else None
+
+
+def log(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+# --- one run ---------------------------------------------------------------------------
+
+def client_command(s: Scenario, client: str, target: Target, rcpts: list[str]) -> list[str]:
+    if client == "smtp-source":
+        (rcpt,) = rcpts
+        return ["smtp-source", "-s", str(s.concurrency), "-m", str(s.count),
+                "-l", str(max(0, s.size - SMTP_SOURCE_HEADERS)), "-f", SENDER, "-t", rcpt,
+                "-M", "bench.test", target.server]
+    cmd = SEND + ["--server", target.server, "--from", SENDER, "--helo", "bench.test",
+                  "--count", str(s.count), "--concurrency", str(s.concurrency),
+                  "--size", str(s.size), "--per-connection", str(s.per_connection),
+                  "--timeout", str(s.timeout_s), "--json", "--rotate"]
+    for rcpt in rcpts:
+        cmd += ["--to", rcpt]
+    if s.idle:
+        cmd += ["--idle", str(s.idle), "--hold", str(s.hold_s)]
+    return cmd
+
+
+def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[str]) -> None:
+    cmd = client_command(s, client, target, rcpts)
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=max(600, s.count))
+    run.wall_s = time.monotonic() - started
+    run.requested = s.count
+    if client == "smtp-source":
+        run.client_elapsed_s = run.wall_s
+        run.message_size = s.size
+        if proc.returncode == 0:
+            run.accepted = s.count
+        else:
+            run.problems.append(f"smtp-source: {proc.stderr.strip().splitlines()[-1:]}")
+        return
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        run.problems.append(f"ccsmtp-send: {proc.stderr.strip()}")
+        return
+    run.accepted = result["accepted"]
+    run.failed = result["failed"]
+    run.client_elapsed_s = result["elapsed_s"]
+    run.message_size = result["message_size"]
+    run.latency_ms = result["latency_ms"]
+    run.session_ms = result["session_ms"]
+    run.greeting_ms = result["greeting_ms"]
+    run.errors = result["errors"]
+    if result["idle"]:
+        run.idle_held = result["idle"]["held"]
+        if result["idle"]["errors"]:
+            run.errors = dict(run.errors, **{f"idle {k}": v
+                                             for k, v in result["idle"]["errors"].items()})
+    run.run_id = result["run_id"]       # type: ignore[attr-defined]
+
+
+def wait_delivered(run: Run, target: Target, started: float) -> None:
+    if not target.stores or run.accepted == 0:
+        return
+    counters = [MboxCounter(str(target.mailbox(m))) for m in run.mailboxes]
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S + run.accepted / 100
+    while (count := sum(c.poll() for c in counters)) < run.accepted \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.delivered = count
+    if count >= run.accepted:
+        # From when the client began sending: its own start-up (Python's import
+        # time, for ccsmtp-send) is not the server's delivery time.
+        startup = max(0.0, run.wall_s - run.client_elapsed_s) if not run.idle_held else 0.0
+        run.delivered_s = time.monotonic() - started - startup
+
+
+def verify(run: Run, target: Target) -> None:
+    """Every accepted message is in the mbox, once; then the mbox goes (disk space)."""
+    if not target.stores:
+        return
+    paths = [target.mailbox(m) for m in run.mailboxes]
+    if run.accepted and run.delivered != run.accepted:
+        run.problems.append(f"{run.delivered} of {run.accepted} accepted messages in the mboxes")
+    run_id = getattr(run, "run_id", None)
+    if run_id and run.accepted:
+        ids = [i for path in paths for i in message_ids(str(path), run_id)]
+        if len(ids) != len(set(ids)):
+            run.problems.append(f"{len(ids) - len(set(ids))} duplicate Message-IDs")
+        if len(set(ids)) != run.accepted:
+            run.problems.append(f"{len(set(ids))} distinct Message-IDs for {run.accepted} accepted")
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def run_one(s: Scenario, client: str, target: Target, rnd: int,
+            mailboxes: tuple[str, ...]) -> Run:
+    run = Run(s.key, client, target.name, rnd, mailboxes)
+    tree = ProcessTree(target.root_pid())
+    run.tree_pss_before = tree.pss()
+    tree.reset_peaks()
+    cpu_before = tree.cpu_s()
+    started = time.monotonic()
+    with PssSampler(tree) as sampler:
+        run_client(run, s, client, target, [f"{m}@{DOMAIN}" for m in mailboxes])
+        wait_delivered(run, target, started)
+    run.cpu_s = tree.cpu_s() - cpu_before
+    run.peak_rss_max, run.peak_rss_sum = tree.peak_rss()
+    run.tree_pss_peak = sampler.peak
+    verify(run, target)
+    log(f"  {s.key} r{rnd} {client:11} {target.name:9} " + summary(run))
+    return run
+
+
+def summary(run: Run) -> str:
+    parts = [f"{run.accepted}/{run.requested} acc {run.accepted_per_s:8.1f}/s"]
+    if run.delivered_per_s:
+        parts.append(f"dlv {run.delivered_per_s:8.1f}/s")
+    if run.latency_ms:
+        parts.append(f"p50 {run.latency_ms['p50']:.1f} ms")
+    if run.idle_held is not None:
+        parts.append(f"held {run.idle_held}")
+    if run.errors:
+        parts.append(f"errors {run.errors}")
+    if run.problems:
+        parts.append("PROBLEMS: " + "; ".join(run.problems))
+    return ", ".join(parts)
+
+
+# --- the plan ----------------------------------------------------------------------------
+
+def plan(selected: list[Scenario], targets: list[str], rounds: int) -> list[tuple]:
+    """(scenario, client, target, round, mailboxes) in the order they run.
+
+    Each round rotates the order of the servers so that none is always first (when
+    the page cache is cold) or last; D runs at the very end because 10,000 idle
+    connections leave the most behind in a server's memory.
+    """
+    steps, shift = [], 0
+    for rnd in range(1, rounds + 1):
+        for s in selected:
+            if not s.every_round and rnd != rounds:
+                continue
+            for client in s.clients:
+                order = targets[shift % len(targets):] + targets[:shift % len(targets)]
+                shift += 1
+                for name in order:
+                    box = f"{s.key}{rnd}-{client.split('-')[-1]}-{name}".lower()
+                    spread = s.spread if client == "ccsmtp-send" else 1
+                    boxes = tuple(f"{box}-{i}" for i in range(spread)) if spread > 1 else (box,)
+                    steps.append((s, client, name, rnd, boxes))
+    return steps
+
+
+# --- the table ------------------------------------------------------------------------------
+
+LEGEND = """\
+acc msg/s: messages answered 250 per second of the client's sending time. dlv msg/s: the
+same messages counted in the mbox files, per second from the client's first connect.
+MB/s: accepted message bytes per second. p50/p99 ms: ccsmtp-send's latency per message
+(connect..250 for a connection's first message, MAIL..250 for later ones); in E a whole
+session (connect..221), in D a fresh client's connect..220. CPU ms/msg: user+system CPU
+of the server's whole process tree (delivery included) per accepted message. peak RSS MB:
+the largest single server process (VmHWM, reset before each run). x PF: this server /
+Postfix in the same round, median over rounds: A-C messages/s, D connections held,
+E and F Postfix's time / this one's (above 1 is faster than Postfix).
+A-C with ccsmtp-send rotate over %d mailboxes; smtp-source sends all to one mailbox and
+speaks HELO, without PIPELINING.""" % SPREAD
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(runs: list[Run], scenario: str, client: str, target: str, metric, invert=False):
+    """Median over rounds of METRIC(target) / METRIC(postfix), same round."""
+    by_round: dict[int, dict[str, Run]] = {}
+    for r in runs:
+        if r.scenario == scenario and r.client == client:
+            by_round.setdefault(r.round, {})[r.target] = r
+    ratios = []
+    for pair in by_round.values():
+        if target in pair and "postfix" in pair:
+            a, b = metric(pair[target]), metric(pair["postfix"])
+            if a and b:
+                ratios.append(b / a if invert else a / b)
+    return median(ratios)
+
+
+def fmt(value, spec: str = ".0f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def table(runs: list[Run], selected: list[Scenario], targets: list[str]) -> str:
+    header = ["scen", "client", "server", "acc msg/s", "dlv msg/s", "MB/s", "p50 ms",
+              "p99 ms", "CPU ms/msg", "peak RSS MB", "x PF acc", "x PF dlv", "notes"]
+    rows = [header]
+    for s in selected:
+        for client in s.clients:
+            for name in targets:
+                mine = [r for r in runs if (r.scenario, r.client, r.target) == (s.key, client, name)]
+                if mine:
+                    rows.append(row(s, client, name, mine, runs))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, r in enumerate(rows):
+        cells = [c.ljust(w) if j in (0, 1, 2, len(header) - 1) else c.rjust(w)
+                 for j, (c, w) in enumerate(zip(r, widths))]
+        lines.append("| " + " | ".join(cells) + " |")
+        if i == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -> list[str]:
+    acc = median([r.accepted_per_s for r in mine])
+    dlv = median([r.delivered_per_s for r in mine])
+    mbs = median([r.mb_per_s for r in mine])
+    cpu = median([r.cpu_ms_per_msg for r in mine])
+    rss = max(r.peak_rss_max for r in mine) / 2**20
+    if s.key == "E":
+        lat = [r.session_ms for r in mine]          # connect..221
+    elif s.key == "D":
+        lat = [r.greeting_ms for r in mine]         # fresh client: connect..220
+    else:
+        lat = [r.latency_ms for r in mine]
+    p50 = median([d.get("p50") for d in lat])
+    p99 = median([d.get("p99") for d in lat])
+    notes = []
+    x_acc = x_dlv = None
+    if s.key in "ABC":
+        x_acc = ratio(runs, s.key, client, name, lambda r: r.accepted_per_s)
+        x_dlv = ratio(runs, s.key, client, name, lambda r: r.delivered_per_s)
+    elif s.key == "E":
+        x_acc = ratio(runs, s.key, client, name, lambda r: r.session_ms.get("p50"), invert=True)
+
+    elif s.key == "F":
+        r = mine[-1]
+        notes.append(f"{r.message_size / 2**20:.0f} MiB in {r.client_elapsed_s:.2f} s")
+        x_acc = ratio(runs, s.key, client, name, lambda r: r.client_elapsed_s, invert=True)
+    elif s.key == "D":
+        r = mine[-1]
+        held = r.idle_held or 0
+        per_conn = (r.tree_pss_peak - r.tree_pss_before) / held / 1024 if held else None
+        notes.append(f"held {held}/{s.idle}, {fmt(per_conn, '.1f')} KB/idle conn, "
+                     f"fresh 220 max {fmt(r.greeting_ms.get('max'), '.0f')} ms, "
+                     f"{r.accepted}/{r.requested} fresh msgs ok")
+        x_acc = ratio(runs, s.key, client, name, lambda r: r.idle_held)
+        acc = dlv = mbs = cpu = None
+    problems = sorted({p for r in mine for p in r.problems})
+    errors: dict[str, int] = {}
+    for r in mine:
+        for k, v in r.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    if errors:
+        notes.append("errors " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
+    notes.extend(problems)
+    if s.key in "ABC" and len(mine) > 1:
+        notes.append(f"median of {len(mine)}")
+    return [s.key, client, name, fmt(acc), fmt(dlv), fmt(mbs, ".2f"), fmt(p50, ".1f"),
+            fmt(p99, ".1f"), fmt(cpu, ".2f"), fmt(rss, ".1f"), fmt(x_acc, ".2f"),
+            fmt(x_dlv, ".2f"), "; ".join(notes)]
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def raise_fd_limit() -> None:
+    """Servers inherit this: 10,000 idle connections need more than 1024 descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small counts, one round (a smoke run)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of A, B, C, E (default 3; quick 1)")
+    p.add_argument("--scenarios", default="ABCDEF", help="which scenarios (default: ABCDEF)")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"servers to run (default: {','.join(TARGETS)})")
+    p.add_argument("--json-out", metavar="FILE", help="write every run as JSON to FILE")
+    p.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
+    args = p.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
+    wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TARGETS]
+    if unknown:
+        p.error(f"unknown target {unknown[0]!r} (known: {', '.join(TARGETS)})")
+    selected = [s for s in scenarios(args.quick) if s.key in args.scenarios.upper()]
+    if not selected:
+        p.error("no scenario selected")
+    for tool in ("smtp-source",):
+        if shutil.which(tool) is None:
+            log(f"bench: {tool} not found (Debian package postfix): its runs are skipped")
+            selected = [dataclasses.replace(s, clients=tuple(c for c in s.clients if c != tool))
+                        for s in selected]
+
+    raise_fd_limit()
+    signal.signal(signal.SIGTERM, _interrupt)
+    base = Path(tempfile.mkdtemp(prefix="ccsmtp-bench-"))
+    os.chmod(base, 0o755)       # the servers' unprivileged users must reach their dirs
+    began = time.monotonic()
+    started: dict[str, Target] = {}
+    runs: list[Run] = []
+    skipped: list[str] = []
+    steps = plan(selected, wanted, rounds)
+    try:
+        for name in wanted:
+            target = TARGETS[name](base)
+            try:
+                target.start(sorted({m for _, _, t, _, ms in steps if t == name for m in ms}))
+            except BenchError as e:
+                log(f"bench: {e}: skipped")
+                skipped.append(f"{name} ({e})")
+                target.stop()
+                continue
+            started[name] = target
+            log(f"bench: {name} on {target.server} (pid {target.root_pid()})")
+        targets = [t for t in wanted if t in started]
+        previous = None
+        for s, client, name, rnd, mailboxes in steps:
+            if s.fresh and previous is not s:
+                log(f"bench: restarting the servers for {s.key}")
+                for target in started.values():
+                    target.restart()
+            previous = s
+            if name in started:
+                runs.append(run_one(s, client, started[name], rnd, mailboxes))
+    except KeyboardInterrupt:
+        log("bench: interrupted; stopping the servers")
+        return 130
+    finally:
+        for target in started.values():
+            target.stop()
+        if args.keep:
+            log(f"bench: kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    elapsed = time.monotonic() - began
+    mode = "quick" if args.quick else "full"
+    print(f"ccsmtp bench ({mode}, {rounds} round(s), {elapsed:.0f} s), "
+          f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}")
+    for s in selected:
+        print(f"  {s.key}: {s.title}; {s.count} msgs, {s.size} bytes")
+    if skipped:
+        print("  skipped: " + "; ".join(skipped))
+    print()
+    print(table(runs, selected, targets))
+    print()
+    print(LEGEND)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump([dataclasses.asdict(r) | {"run_id": getattr(r, "run_id", None)}
+                       for r in runs], f, indent=1)
+    bad = [r for r in runs if r.problems]
+    if bad:
+        log(f"bench: {len(bad)} run(s) with problems (see the notes column)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
