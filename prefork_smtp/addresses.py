@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
-# RFC 5321 §4.1.2 atext, plus any non-ASCII character for SMTPUTF8 (RFC 6531 §3.3).
+# RFC 5321 §4.1.2 atext, plus non-ASCII characters for SMTPUTF8 (RFC 6531 §3.3) other
+# than C1 controls and Unicode line breaks, which some readers take for a new line.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_UTEXT = r"[^\x00-\x7f]"
+_UTEXT = r"[^\x00-\x9f\u2028\u2029]"
 _QTEXT = r'(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])'
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_ULABEL = r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f])*(?:[A-Za-z0-9]|[^\x00-\x7f]))?"
+_ULABEL = (r"(?:[A-Za-z0-9]|[^\x00-\x9f\u2028\u2029])"
+           r"(?:(?:[A-Za-z0-9-]|[^\x00-\x9f\u2028\u2029])*(?:[A-Za-z0-9]|[^\x00-\x9f\u2028\u2029]))?")
 
 
 def _compile(atom_char: str, label: str, qtext: str) -> re.Pattern[str]:

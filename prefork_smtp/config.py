@@ -157,7 +157,8 @@ def parse_listen(value: Any, key: str = "listen") -> ListenAddress:
 
 
 def _domain(value: Any, key: str) -> str:
-    return _hostname(value, key).lower().rstrip(".")
+    text = _text(value, key)
+    return _hostname(text[:-1] if text.endswith(".") else text, key).lower()
 
 
 def _mailbox(value: Any, key: str) -> str:

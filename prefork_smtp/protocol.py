@@ -216,8 +216,8 @@ class SMTPConnection:
             events.append(SendReply(result))
         else:
             self._reply(events, result)
-        if self.state is State.CLOSED:
-            events.append(CloseConnection())
+        if self.state is State.CLOSED and not isinstance(events[-1], CloseConnection):
+            events.append(CloseConnection())   # QUIT (an error past the limit closed already)
 
     def _reply(self, events: list[Event], reply: R.Reply) -> None:
         events.append(SendReply(bytes(reply), reply.is_error))
@@ -267,6 +267,7 @@ class SMTPConnection:
             body=self._body,
         )
         self.state = State.STORING
+        self._chunks_sent = False   # the session now owns them, with the last piece
         events.append(StoreMessage(envelope, content))
 
     def _abort_transaction(self, events: list[Event], reply: R.Reply) -> None:

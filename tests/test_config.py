@@ -129,8 +129,6 @@ def test_command_line_wins_over_file_and_none_means_unset(tmp_path):
     assert cfg.listen == (ListenAddress("127.0.0.1", 2525),)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): a fully-qualified domain with the root dot "
-                   "is refused, though _domain() means to strip that dot")
 def test_domain_with_trailing_dot_is_normalised():
     assert config.build({"domains": ["Example.ORG."]}).domains == frozenset({"example.org"})
 
