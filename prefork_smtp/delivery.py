@@ -76,7 +76,11 @@ class Delivery:
         self.delivered = 0
         self.retry_at: dict[str, float] = {}
         self._stopping = False
+        self._quitting = False
         self._reopen_logs = False
+        self._needs_repair: str | None = None
+        self.journal = mbox.AppendJournal(
+            os.path.join(config.spool_dir, queue.STATE_DIR, "delivery.journal"))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
 
     # --- process ----------------------------------------------------------------
@@ -99,10 +103,14 @@ class Delivery:
         signal.set_wakeup_fd(self._wakeup_w.fileno())
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGUSR1, self._on_reopen_logs)
-        signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))   # fast: the queue keeps it all
+        signal.signal(signal.SIGQUIT, self._on_quit)
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self._stopping = True   # only record it; the loop does the work
+
+    def _on_quit(self, signum: int, frame: object) -> None:
+        # Fast stop, but never in the middle of an append: the queue keeps the rest.
+        self._quitting = True
 
     def _on_reopen_logs(self, signum: int, frame: object) -> None:
         self._reopen_logs = True
@@ -115,7 +123,7 @@ class Delivery:
 
     def _loop(self) -> None:
         stop_by = None
-        while True:
+        while not self._quitting:
             if self._stopping and stop_by is None:
                 stop_by = time.monotonic() + self.config.graceful_timeout_s
                 log.info("delivery stopping: delivering what is queued")
@@ -167,8 +175,15 @@ class Delivery:
         would duplicate mail whose 250 the client did get. Runs once at start.
         """
         spool = self.config.spool_dir
-        names = queue.ready_batches(spool)
         present: dict[str, set[str]] = {}
+        self._needs_repair = mbox.undo_interrupted_append(spool, self.journal)
+        if self._needs_repair is not None:
+            # It ends in half a copy that must not count as delivered; nothing more
+            # goes into it until it is cut back (see _append).
+            log.warning("mailbox %s is locked; it will be repaired after a crash once it is free",
+                        self._needs_repair)
+            present[self._needs_repair] = set()
+        names = queue.ready_batches(spool)
         while names:
             batches, consumed = self._load_batches(names)
             names = names[consumed:]
@@ -197,6 +212,8 @@ class Delivery:
                 by_mailbox[copy.mailbox].append(copy)
         delivered: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
         for mailbox, copies in by_mailbox.items():
+            if self._quitting:
+                break
             if self._append(mailbox, copies):
                 for copy in copies:
                     delivered[copy.batch].append((copy.message.queue_id, mailbox))
@@ -228,7 +245,11 @@ class Delivery:
             return False
         data = itertools.chain.from_iterable(self._format(copy) for copy in copies)
         try:
-            mbox.append(self.config.spool_dir, mailbox, data, self.config.spool_mode)
+            if mailbox == self._needs_repair:
+                if mbox.undo_interrupted_append(self.config.spool_dir, self.journal):
+                    raise mbox.MailboxBusy("locked since a crash")
+                self._needs_repair = None
+            mbox.append(self.config.spool_dir, mailbox, data, self.config.spool_mode, self.journal)
         except mbox.MailboxBusy as e:
             if mailbox not in self.retry_at:
                 log.info("mailbox %s is locked (%s): %d message(s) deferred", mailbox, e, len(copies))

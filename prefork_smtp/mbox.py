@@ -107,7 +107,68 @@ def mailbox_path(spool_dir: str, mailbox: str) -> str:
     return os.path.join(spool_dir, mailbox)
 
 
-def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o600) -> None:
+class AppendJournal:
+    """Where the append in progress started, so that one cut short by kill -9 can be
+    cut back at the next start instead of leaving half a message.
+
+    Not fsync'ed: it guards against a killed process, whose writes the kernel keeps,
+    not against a crashed machine (where the unsynced append is not durable either).
+    """
+
+    SIZE = 512
+
+    def __init__(self, path: str):
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def begin(self, mailbox: str, size: int) -> None:
+        os.pwrite(self._fd, f"{mailbox} {size}\n".encode().ljust(self.SIZE), 0)
+
+    def end(self) -> None:
+        os.pwrite(self._fd, b"\n".ljust(self.SIZE), 0)
+
+    def pending(self) -> tuple[str, int] | None:
+        fields = os.pread(self._fd, self.SIZE, 0).split()
+        if len(fields) != 2 or not fields[1].isdigit():
+            return None
+        return fields[0].decode("ascii", "replace"), int(fields[1])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def undo_interrupted_append(spool_dir: str, journal: AppendJournal) -> str | None:
+    """Cut a mailbox back to where an append that never finished started. Returns
+    the mailbox's name if it could not be repaired (its lock is held)."""
+    pending = journal.pending()
+    if pending is None:
+        return None
+    mailbox, size = pending
+    path = mailbox_path(spool_dir, mailbox)
+    try:
+        _take_dotlock(path + ".lock")
+    except MailboxBusy:
+        return mailbox
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            lock_ofd(fd, wait=False)
+            if os.fstat(fd).st_size > size:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        pass
+    except BlockingIOError:
+        return mailbox
+    finally:
+        unlink_quietly(path + ".lock")
+    journal.end()
+    return None
+
+
+def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o600,
+           journal: AppendJournal | None = None) -> None:
     """Append the pieces of data to SPOOL/mailbox under both locks and fsync. Raises MailboxBusy
     at once rather than wait: a reader holding the lock must not stall delivery to
     everyone else."""
@@ -123,7 +184,7 @@ def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o60
                          | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
             created = True
         try:
-            _append_locked(fd, data)
+            _append_locked(fd, data, mailbox, journal)
         finally:
             os.close(fd)   # closing the description releases the OFD lock
         if created:
@@ -132,7 +193,8 @@ def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o60
         unlink_quietly(dotlock)
 
 
-def _append_locked(fd: int, data: Iterable[bytes]) -> None:
+def _append_locked(fd: int, data: Iterable[bytes], mailbox: str,
+                   journal: AppendJournal | None) -> None:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "mailbox is not a regular file")
@@ -141,6 +203,8 @@ def _append_locked(fd: int, data: Iterable[bytes]) -> None:
     except BlockingIOError:
         raise MailboxBusy("fcntl lock held") from None
     old_size = os.fstat(fd).st_size
+    if journal is not None:
+        journal.begin(mailbox, old_size)
     try:
         for piece in data:
             write_all(fd, [piece])
@@ -150,6 +214,28 @@ def _append_locked(fd: int, data: Iterable[bytes]) -> None:
         os.ftruncate(fd, old_size)
         os.fsync(fd)
         raise
+    finally:
+        if journal is not None:
+            journal.end()
+
+
+def _owner_is_dead(path: str) -> bool:
+    """Ours hold our pid: one whose process is gone need not wait for old age. Other
+    programs' locks (often empty) only go stale with time."""
+    try:
+        with open(path, "rb") as f:
+            pid = int(f.read(32).strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _take_dotlock(path: str) -> None:
@@ -172,7 +258,7 @@ def _remove_if_stale(path: str) -> bool:
         age = time.time() - os.lstat(path).st_mtime
     except FileNotFoundError:
         return True
-    if age < STALE_DOTLOCK_S:
+    if age < STALE_DOTLOCK_S and not _owner_is_dead(path):
         return False
     unlink_quietly(path)
     return True

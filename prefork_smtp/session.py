@@ -63,6 +63,9 @@ class SMTPSession(asyncio.Protocol):
         self.router = router
         self.committer = committer
         self.hooks = hooks
+        # Counted from the moment asyncio accepted the socket, before connection_made:
+        # a worker that stops must not forget a connection it has taken from the queue.
+        hooks.opened(self)
         self.transport: asyncio.Transport | None = None
         self.conn: SMTPConnection | None = None
         self.client_ip = "unknown"
@@ -74,6 +77,7 @@ class SMTPSession(asyncio.Protocol):
         self._commands_seen = 0
         self._timer: asyncio.TimerHandle | None = None
         self._spill: SpillFile | None = None
+        self._shutdown_requested = False
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -85,11 +89,14 @@ class SMTPSession(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
-        self.hooks.opened(self)
         log.info("connect from [%s]", self.client_ip)
         if not self.hooks.admit(self.client_ip):
             log.warning("too many connections from [%s]", self.client_ip)
             transport.write(bytes(R.TOO_MANY_CONNECTIONS))
+            transport.close()
+            return
+        if self._shutdown_requested:   # accepted just as the worker began to stop
+            transport.write(bytes(R.SHUTTING_DOWN))
             transport.close()
             return
         self.conn = SMTPConnection(self.config, self.router, self.client_ip, chunk_bytes=SPILL_BYTES)
@@ -128,6 +135,7 @@ class SMTPSession(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Graceful stop: idle sessions are closed now, open transactions later."""
+        self._shutdown_requested = True
         if self.conn is not None:
             self._run(self.conn.shutdown())
 

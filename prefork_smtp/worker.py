@@ -137,6 +137,10 @@ class Worker:
         await self._stop.wait()
         for server in servers:
             server.close()
+        # Sockets accepted in the last wake-up get their session in tasks that have
+        # not run yet; let them start, so that those clients are served too.
+        for _ in range(3):
+            await asyncio.sleep(0)
         await self._finish_sessions()
         heartbeat.cancel()
         await self.committer.drain()

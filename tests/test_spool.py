@@ -268,3 +268,28 @@ def test_corrupt_batch_is_quarantined_and_the_rest_delivered(spool):
     delivery.Delivery(cfg, None).deliver_round()
     assert [m["Subject"] for m in read_mbox(spool, "alice")] == ["ok"]
     assert os.listdir(os.path.join(spool, ".ccsmtp", "corrupt")) == ["0000BROKEN"]
+
+
+def test_append_cut_short_by_a_kill_is_cut_back_and_delivered_again(spool):
+    cfg = make_config(spool)
+    queue.write_batch(spool, [queued(b"Subject: old\r\n\r\nx\r\n")])
+    delivery.Delivery(cfg, None).deliver_round()
+    path = os.path.join(spool, "alice")
+    before = open(path, "rb").read()
+    message = queued(b"Subject: new\r\n\r\n" + b"y" * 5000 + b"\r\n")
+    queue.write_batch(spool, [message])
+    # What kill -9 in the middle of an append leaves: the journal entry, the start of
+    # the copy (From_ line and trace headers, which name the queue ID), a dot-lock.
+    dead = delivery.Delivery(cfg, None)
+    dead.journal.begin("alice", len(before))
+    whole = b"".join(dead._format(delivery.Copy("b", message, "alice@example.org", "alice")))
+    with open(path, "ab") as f:
+        f.write(whole[:len(whole) // 2])
+    with open(path + ".lock", "w") as f:
+        f.write("999999999\n")    # no such pid: a dead owner's lock is broken at once
+    restarted = delivery.Delivery(cfg, None)
+    restarted.recover()
+    assert restarted.deliver_round() == 0
+    assert [m["Subject"] for m in read_mbox(spool, "alice")] == ["old", "new"]
+    assert open(path, "rb").read() == before + whole
+    assert [m["Subject"] for m in read_mbox(spool, "bob")] == ["old", "new"]
