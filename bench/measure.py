@@ -86,19 +86,22 @@ def _pss(pid: int) -> int:
 class PssSampler:
     """Samples the total PSS of a tree in a thread; .peak is the largest total seen."""
 
-    def __init__(self, tree: ProcessTree):
+    def __init__(self, tree: ProcessTree, enabled: bool = True):
         self.tree = tree
+        self.enabled = enabled
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "PssSampler":
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self.enabled:
+            self._thread.join()
 
     def _run(self) -> None:
         pids: list[int] = []
