@@ -1,0 +1,448 @@
+"""Fixtures that run the REAL ccsmtp master as a subprocess on a loopback port.
+
+`start_server(...)` (a factory) and `server` (one server per test, options through
+indirect parametrization) fork `bin/ccsmtp-master` in a new session, wait for its
+greeting, and on teardown stop it with SIGTERM and check that it exited 0, logged no
+traceback and left no process of its group behind.
+
+As root the server drops to `nobody`, who cannot traverse pytest's tmp_path
+(/tmp/pytest-of-root is 0700): the spool's parent is then a 0755 mkdtemp() directory
+and the spool itself is left for the master to create and chown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import mailbox
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import weakref
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MASTER = REPO / "bin" / "ccsmtp-master"
+DOMAIN = "example.org"
+IS_ROOT = os.geteuid() == 0
+RUN_AS = "nobody"
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 30.0
+CLIENT_HELO = "client.test"
+SENDER = "sender@remote.test"
+QUEUED = re.compile(rb"2\.0\.0 Ok: queued as ([0-9A-Za-z]+)")
+_SEPARATOR = re.compile(rb"^From ", re.MULTILINE)   # mboxrd quotes every other ^From
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def make_message(message_id: str, subject: str = "test", body: str = "Hello.\r\n") -> bytes:
+    """An RFC 5322 message with CRLF line ends; message_id includes the angle brackets."""
+    return (f"From: {SENDER}\r\nTo: someone@{DOMAIN}\r\nSubject: {subject}\r\n"
+            f"Message-ID: {message_id}\r\n\r\n{body}").encode()
+
+
+def master_command(*args: str) -> list[str]:
+    """The master run by this interpreter, so root and non-root runs use the same one."""
+    return [sys.executable, str(MASTER), *args]
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def process_title(proc: psutil.Process) -> str:
+    """What ps shows: setproctitle leaves empty padding arguments behind."""
+    return " ".join(arg for arg in proc.cmdline() if arg).strip()
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+_UNREAD: "weakref.WeakKeyDictionary[socket.socket, bytes]" = weakref.WeakKeyDictionary()
+_REPLY_END = re.compile(rb"(?:^|\r\n)\d{3} [^\r\n]*\r\n")
+
+
+def recv_reply(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Read one complete (possibly multi-line) SMTP reply from a raw socket. What
+    arrives after it (a pipelined or unsolicited reply) is kept for the next call.
+    Returns what there is (maybe b"") if the server closes first."""
+    sock.settimeout(timeout)
+    data = _UNREAD.pop(sock, b"")
+    while True:
+        match = _REPLY_END.search(data)
+        if match:
+            _UNREAD[sock] = data[match.end():]
+            return data[:match.end()]
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def recv_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything until the server closes the connection (b"": it said nothing more)."""
+    sock.settimeout(timeout)
+    data = _UNREAD.pop(sock, b"")
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def read_locked(path: Path) -> bytes:
+    """The whole file, under a shared fcntl lock as a mail reader takes it (the
+    server's writers hold an exclusive lock while appending: no half message)."""
+    with open(path, "rb") as f:
+        fcntl.lockf(f, fcntl.LOCK_SH)
+        try:
+            return f.read()
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def parse_mbox(data: bytes, scratch_dir: Path) -> list[mailbox.mboxMessage]:
+    fd, path = tempfile.mkstemp(dir=scratch_dir, suffix=".mbox")
+    try:
+        os.write(fd, data)
+        os.close(fd)
+        box = mailbox.mbox(path, create=False)
+        try:
+            return list(box)
+        finally:
+            box.close()
+    finally:
+        os.unlink(path)
+
+
+@dataclasses.dataclass
+class Server:
+    host: str
+    port: int
+    spool: Path
+    proc: subprocess.Popen
+    stderr_path: Path
+    scratch: Path
+    args: list[str]
+    expect_clean_exit: bool = True   # False once a test crashed it on purpose
+    greeting: bytes = b""
+
+    # --- processes --------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid   # start_new_session=True
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def processes(self, title: str = "ccsmtp: ") -> list[psutil.Process]:
+        """Live children of the master whose process title starts with `title`."""
+        out = []
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        for child in children:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if process_title(child).startswith(title):
+                    out.append(child)
+            except psutil.Error:
+                pass
+        return out
+
+    def workers(self) -> list[psutil.Process]:
+        return self.processes("ccsmtp: worker")
+
+    def delivery(self) -> list[psutil.Process]:
+        return self.processes("ccsmtp: delivery")
+
+    def wait_for_processes(self, title: str, count: int, timeout: float = 5.0,
+                           exclude: set[int] = frozenset()) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        while True:
+            procs = [p for p in self.processes(title) if p.pid not in exclude]
+            if len(procs) >= count:
+                return procs
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(procs)} process(es) titled {title!r} after "
+                                     f"{timeout} s, wanted {count}\n{self.stderr()}")
+            time.sleep(0.02)
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int:
+        """Stop the master; returns its exit status. Kills the group if it hangs."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                kill_group(self.pgid)
+                self.proc.wait(5)
+                raise AssertionError(f"master did not stop within {timeout} s of signal {sig}")
+        return self.proc.returncode
+
+    def crash(self) -> None:
+        """kill -9 every process of the server at once (a power cut, as far as ccsmtp knows)."""
+        self.expect_clean_exit = False
+        kill_group(self.pgid)
+        self.proc.wait(10)
+        deadline = time.monotonic() + 5
+        while group_members(self.pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # --- SMTP -------------------------------------------------------------------
+
+    def connect(self, timeout: float = 5.0) -> tuple[socket.socket, bytes]:
+        """A raw connection and the greeting."""
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        return sock, recv_reply(sock, timeout)
+
+    def smtp(self, helo: str = CLIENT_HELO, timeout: float = 10.0) -> smtplib.SMTP:
+        return smtplib.SMTP(self.host, self.port, local_hostname=helo, timeout=timeout)
+
+    def send(self, recipients: list[str], content: bytes,
+             sender: str = SENDER, helo: str = CLIENT_HELO) -> str:
+        """One transaction over smtplib; returns the queue ID from the 250 reply."""
+        with self.smtp(helo) as client:
+            client.ehlo()
+            code, reply = client.mail(sender)
+            assert code == 250, reply
+            for rcpt in recipients:
+                code, reply = client.rcpt(rcpt)
+                assert code == 250, (rcpt, reply)
+            code, reply = client.data(content)
+            assert code == 250, reply
+        match = QUEUED.fullmatch(reply)
+        assert match, reply
+        return match.group(1).decode()
+
+    def settle(self, names: list[str], timeout: float = 10.0) -> dict[str, list[mailbox.mboxMessage]]:
+        """Send a barrier message to every mailbox in `names` and wait for it. Delivery
+        takes the queue oldest first, so whatever was acknowledged before the barrier
+        has been delivered (once or more) by then. Returns each mailbox's messages
+        before the barrier."""
+        token = f"<barrier-{uuid.uuid4().hex}@test>"
+        self.send([f"{name}@{DOMAIN}" for name in names], make_message(token, "barrier"))
+        out = {}
+        for name in names:
+            messages = self.wait_for_text(name, token.encode(), timeout)
+            ids = [m["Message-ID"] for m in messages]
+            assert ids.count(token) == 1, f"barrier delivered {ids.count(token)} times to {name}"
+            out[name] = messages[:ids.index(token)]
+        return out
+
+    # --- mailboxes --------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return self.spool / name
+
+    def raw(self, name: str) -> bytes:
+        try:
+            return read_locked(self.path(name))
+        except FileNotFoundError:
+            return b""
+
+    def mbox(self, name: str) -> list[mailbox.mboxMessage]:
+        """The messages of SPOOL/name, parsed by Python's mailbox.mbox ([] if absent)."""
+        data = self.raw(name)
+        return parse_mbox(data, self.scratch) if data else []
+
+    def count(self, name: str) -> int:
+        """Messages in SPOOL/name, counted without taking a lock (for polling)."""
+        try:
+            data = self.path(name).read_bytes()
+        except FileNotFoundError:
+            return 0
+        return len(_SEPARATOR.findall(data))
+
+    def wait_for_messages(self, name: str, count: int,
+                          timeout: float = 10.0) -> list[mailbox.mboxMessage]:
+        """Poll until SPOOL/name holds at least `count` messages; return them all."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.count(name) >= count:
+                messages = self.mbox(name)
+                if len(messages) >= count:
+                    return messages
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mailbox {name}: {self.count(name)} message(s) after "
+                                     f"{timeout} s, wanted {count}\n--- server log:\n"
+                                     f"{self.stderr()[-4000:]}")
+            time.sleep(0.02)
+
+    def wait_for_text(self, name: str, needle: bytes,
+                      timeout: float = 10.0) -> list[mailbox.mboxMessage]:
+        """Poll until SPOOL/name contains `needle`; return its messages."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                found = needle in self.path(name).read_bytes()
+            except FileNotFoundError:
+                found = False
+            if found:
+                return self.mbox(name)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mailbox {name}: no {needle!r} after {timeout} s\n"
+                                     f"--- server log:\n{self.stderr()[-4000:]}")
+            time.sleep(0.02)
+
+    def mailboxes(self) -> list[str]:
+        """Plain files directly in SPOOL: mailboxes (and NAME.lock while locked)."""
+        return sorted(p.name for p in self.spool.iterdir() if p.is_file())
+
+
+class ServerFactory:
+    """Starts servers; every one started is stopped and checked at teardown."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.servers: list[Server] = []
+        self._n = 0
+
+    def new_spool(self) -> Path:
+        self._n += 1
+        return self.base / f"spool{self._n}"   # not created: the master does it
+
+    def write_config(self, text: str) -> Path:
+        self._n += 1
+        path = self.base / f"ccsmtp{self._n}.toml"
+        path.write_text(text)
+        path.chmod(0o644)   # a reload (HUP) reads it again as the unprivileged user
+        return path
+
+    def __call__(self, *, workers: int = 2, extra_args: tuple[str, ...] | list[str] = (),
+                 config: str | None = None, spool: Path | None = None,
+                 port: int | None = None, wait: bool = True) -> Server:
+        spool = spool or self.new_spool()
+        port = port or free_port()
+        self._n += 1
+        stderr_path = self.base / f"master{self._n}.log"
+        args = ["-w", str(workers), "-l", f"127.0.0.1:{port}", "-s", str(spool), "-d", DOMAIN]
+        if IS_ROOT:
+            args += ["-u", RUN_AS]
+        if config is not None:
+            args += ["-c", str(self.write_config(config))]
+        args += list(extra_args)
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(master_command(*args), stdin=subprocess.DEVNULL,
+                                    stdout=err, stderr=err, start_new_session=True, cwd=REPO)
+        server = Server("127.0.0.1", port, spool, proc, stderr_path, self.base, args)
+        self.servers.append(server)
+        if wait:
+            server.greeting = self._wait_ready(server)
+        return server
+
+    @staticmethod
+    def _wait_ready(server: Server) -> bytes:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if server.proc.poll() is not None:
+                raise AssertionError(f"master exited {server.proc.returncode} at start-up:\n"
+                                     f"{server.stderr()}")
+            try:
+                sock, greeting = server.connect(timeout=2)
+            except OSError:
+                greeting = b""
+            else:
+                with sock:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"QUIT\r\n")
+                        recv_reply(sock, 2)
+                        # Wait for the server's close: by then it has forgotten this
+                        # connection, so it does not count against a per-client limit.
+                        recv_eof(sock, 2)
+            if greeting.startswith(b"220 "):
+                return greeting
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no greeting within {START_TIMEOUT_S} s:\n{server.stderr()}")
+            time.sleep(0.05)
+
+    def finish(self) -> list[str]:
+        """Stop every server; return the problems found (empty: all clean)."""
+        problems = []
+        for server in self.servers:
+            try:
+                code = server.stop()
+            except AssertionError as e:
+                problems.append(f"port {server.port}: {e}")
+                code = None
+            survivors = group_members(server.pgid)
+            if survivors:
+                kill_group(server.pgid)
+                problems.append(f"port {server.port}: processes outlived the master: "
+                                f"{[p.pid for p in survivors]}")
+            log = server.stderr()
+            if "Traceback" in log:
+                problems.append(f"port {server.port}: traceback in the log:\n{log[-4000:]}")
+            if server.expect_clean_exit and code != 0:
+                problems.append(f"port {server.port}: master exited {code}:\n{log[-4000:]}")
+        return problems
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for spools, configs and logs that the server's user can traverse."""
+    if not IS_ROOT:
+        yield tmp_path
+        return
+    base = Path(tempfile.mkdtemp(prefix="ccsmtp-test-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def start_server(work_dir: Path) -> Iterator[Callable[..., Server]]:
+    """Factory: start_server(workers=2, extra_args=(), config=None, spool=None)."""
+    factory = ServerFactory(work_dir)
+    try:
+        yield factory
+    finally:
+        problems = factory.finish()
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest, start_server: ServerFactory) -> Server:
+    """One running server; options via indirect parametrization, e.g.
+    @pytest.mark.parametrize("server", [{"workers": 1}], indirect=True)."""
+    options = getattr(request, "param", None) or {}
+    return start_server(**options)
