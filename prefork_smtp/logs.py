@@ -52,12 +52,22 @@ def chown_log_file(path: str | None, uid: int, gid: int) -> None:
 
 
 def reopen() -> None:
-    if isinstance(_handler, logging.FileHandler):
-        _handler.acquire()
-        try:
-            _handler.close()
-            _handler.stream = _handler._open()
-        except OSError as e:
-            sys.stderr.write(f"ccsmtp: cannot reopen log file: {e}\n")
-        finally:
-            _handler.release()
+    """Open the log file again by name (after logrotate moved it). The new stream is
+    opened before the old one is closed: if it cannot be (after dropping root the
+    directory may not be ours; logrotate's 'create' directive makes the file for us),
+    logging goes on into the old file."""
+    if not isinstance(_handler, logging.FileHandler):
+        return
+    try:
+        stream = open(_handler.baseFilename, "a", encoding="utf-8")
+    except OSError as e:
+        logging.getLogger("ccsmtp").error("cannot reopen log file %s: %s", _handler.baseFilename,
+                                          e.strerror)
+        return
+    _handler.acquire()
+    try:
+        old, _handler.stream = _handler.stream, stream
+    finally:
+        _handler.release()
+    if old is not None:
+        old.close()

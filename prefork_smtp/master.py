@@ -75,7 +75,11 @@ class Master:
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         # Workers tell delivery "something is queued" through this datagram pair.
         self.notify_send, self.notify_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        for sock in (self._wakeup_r, self._wakeup_w, self.notify_send):
+        # Children tell the master "I am retiring" here, as Postfix's status pipe, so
+        # that a replacement starts at once instead of when the retiree exits.
+        self.status_recv, self.status_send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for sock in (self._wakeup_r, self._wakeup_w, self.notify_send, self.status_recv,
+                     self.status_send):
             sock.setblocking(False)
 
     # --- the loop -------------------------------------------------------------------
@@ -111,15 +115,30 @@ class Master:
 
     def sleep(self, timeout: float = SLEEP_S) -> None:
         try:
-            ready, _, _ = select.select([self._wakeup_r], [], [], timeout)
+            ready, _, _ = select.select([self._wakeup_r, self.status_recv], [], [], timeout)
         except InterruptedError:
             return
-        if ready:
+        if self._wakeup_r in ready:
             try:
                 while self._wakeup_r.recv(4096):
                     pass
             except (BlockingIOError, InterruptedError):
                 pass
+        if self.status_recv in ready:
+            self.read_status()
+
+    def read_status(self) -> None:
+        """'retiring PID' from a child: count it out now and start its successor."""
+        while True:
+            try:
+                message = self.status_recv.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            words = message.split()
+            if len(words) == 2 and words[0] == b"retiring" and words[1].isdigit():
+                child = self.children.get(int(words[1]))
+                if child is not None:
+                    child.retiring = True
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -168,7 +187,7 @@ class Master:
     def spawn_worker(self, worker_id: int) -> None:
         def body(slot: int) -> int:
             return Worker(worker_id, slot, self.config, self.listeners, self.scoreboard,
-                          self.anvil, self.notify_send, self.pid).run()
+                          self.anvil, self.notify_send, self.status_send, self.pid).run()
         self._fork(worker_id, body)
 
     def spawn_delivery(self) -> None:
@@ -203,6 +222,7 @@ class Master:
             signal.signal(sig, signal.SIG_DFL)
         self._wakeup_r.close()
         self._wakeup_w.close()
+        self.status_recv.close()
 
     def reap_children(self) -> None:
         while True:
@@ -228,6 +248,9 @@ class Master:
             log.debug("%s (pid %d) exited", what, child.pid)
             return
         uptime = time.monotonic() - child.started
+        if code == 0:   # retired by itself (recycling, memory) without telling us first
+            log.info("%s (pid %d) retired after %.1f s; replacing it", what, child.pid, uptime)
+            return
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         log.warning("%s (pid %d) died: %s after %.1f s; replacing it", what, child.pid, how, uptime)
         if uptime < QUICK_DEATH_S and not child.killed:

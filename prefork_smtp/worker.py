@@ -82,13 +82,14 @@ def router_for(config: Config) -> Router:
 class Worker:
     def __init__(self, worker_id: int, slot: int, config: Config,
                  listeners: list[socket.socket], scoreboard: Scoreboard, anvil: Anvil,
-                 notify: socket.socket | None, master_pid: int):
+                 notify: socket.socket | None, status: socket.socket | None, master_pid: int):
         self.worker_id = worker_id
         self.slot = slot
         self.config = config
         self.listeners = listeners
         self.scoreboard = scoreboard
         self.master_pid = master_pid
+        self.status = status
         self.router = router_for(config)
         self.committer = GroupCommitter(config.spool_dir, notify)
         self.hooks = WorkerHooks(config.max_connections_per_client, AnvilRegion(anvil, slot),
@@ -97,6 +98,7 @@ class Worker:
         self.max_sessions = self._jittered(config.max_sessions_per_worker)
         self._stop: asyncio.Event | None = None
         self._mode = ""
+        self._told_master = False
         self._title = ""
 
     @staticmethod
@@ -157,8 +159,18 @@ class Worker:
         # A later, harder request wins: retire < graceful < fast.
         if STOP_MODES.index(mode) > STOP_MODES.index(self._mode):
             self._mode = mode
+        if mode == RETIRE and not self._told_master:
+            self._tell_master_retiring()
         if self._stop is not None:
             self._stop.set()
+
+    def _tell_master_retiring(self) -> None:
+        self._told_master = True
+        if self.status is not None:
+            try:
+                self.status.send(b"retiring %d" % os.getpid())
+            except OSError:
+                pass   # the master will see the exit instead
 
     async def _finish_sessions(self) -> None:
         if self._mode == RETIRE:
