@@ -247,14 +247,10 @@ def read_toml(path: str) -> dict[str, Any]:
 
 def build(cli_values: Mapping[str, Any], config_file: str | None = None) -> Config:
     """Defaults, then the file, then the command line (values given as TOML keys)."""
-    raw: dict[str, Any] = read_toml(config_file) if config_file else {}
-    raw.update({k: v for k, v in cli_values.items() if v is not None})
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in KEYS:
-            raise ConfigError(f"unknown setting {key!r}")
-        field, parse = KEYS[key]
-        values[field] = parse(value, key)
+    from_file = _parse_all(read_toml(config_file), f"config file {config_file}: ") if config_file else {}
+    # The file is checked whole even where the command line overrides it: a bad value
+    # must not lie in wait for the next start without -w.
+    values = {**from_file, **_parse_all({k: v for k, v in cli_values.items() if v is not None}, "")}
     hostname = values.get("hostname") or _hostname_or_localhost()
     values.setdefault("hostname", hostname)
     values.setdefault("workers", os.cpu_count() or 1)
@@ -268,6 +264,19 @@ def build(cli_values: Mapping[str, Any], config_file: str | None = None) -> Conf
     if not values["listen"]:
         raise ConfigError("listen: at least one ADDR:PORT is needed")
     return Config(**values)
+
+
+def _parse_all(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in KEYS:
+            raise ConfigError(f"{where}unknown setting {key!r}")
+        field, parse = KEYS[key]
+        try:
+            values[field] = parse(value, key)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+    return values
 
 
 def _hostname_or_localhost() -> str:

@@ -28,6 +28,8 @@ from .queue import QueueError, SpillFile
 
 # Messages larger than this go to a file as they arrive instead of staying in memory.
 SPILL_BYTES = 1 << 20
+# After our last reply, how long a client gets to close its end before we do.
+CLOSE_LINGER_S = 2.0
 
 log = logging.getLogger("ccsmtp.smtpd")
 
@@ -78,6 +80,7 @@ class SMTPSession(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._spill: SpillFile | None = None
         self._shutdown_requested = False
+        self._closing = False
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -175,9 +178,24 @@ class SMTPSession(asyncio.Protocol):
                 self._store(event)
             elif isinstance(event, CloseConnection):
                 self._pending.clear()
-                self.transport.close()
+                self._flush(out)
+                self._close_after_reply()
         self._flush(out)
         self._update_reading()
+
+    def _close_after_reply(self) -> None:
+        """Send FIN after the last reply but read on until the client closes (or
+        CLOSE_LINGER_S): closing with unread input would send a reset, and the
+        client could lose the 221 or 421 it has not read yet."""
+        transport = self.transport
+        assert transport is not None
+        self._closing = True
+        self._update_reading()
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.close)
 
     def _flush(self, out: list[bytes]) -> None:
         if out and self.transport is not None:
@@ -258,7 +276,7 @@ class SMTPSession(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        want_paused = self._busy or self._write_blocked
+        want_paused = (self._busy or self._write_blocked) and not self._closing
         if want_paused and not self._reading_paused:
             self.transport.pause_reading()
         elif not want_paused and self._reading_paused:

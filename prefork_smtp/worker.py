@@ -137,13 +137,14 @@ class Worker:
         heartbeat = loop.create_task(self._heartbeat())
         log.debug("worker %d serving", self.worker_id)
         await self._stop.wait()
+        # Stop accepting, but keep the servers open until the sessions are done: a
+        # socket accepted in the last wake-up gets its transport in a task that has
+        # not run yet, and a closed server would drop it without a greeting.
+        for sock in self.listeners:
+            loop.remove_reader(sock.fileno())
+        await self._finish_sessions()
         for server in servers:
             server.close()
-        # Sockets accepted in the last wake-up get their session in tasks that have
-        # not run yet; let them start, so that those clients are served too.
-        for _ in range(3):
-            await asyncio.sleep(0)
-        await self._finish_sessions()
         heartbeat.cancel()
         await self.committer.drain()
         self.committer.close()

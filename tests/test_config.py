@@ -219,9 +219,13 @@ def test_alias_to_an_unsafe_mailbox(mailbox):
     assert error_for({"aliases": {"root": mailbox}}).startswith("aliases.root")
 
 
-def test_bad_value_in_the_file_names_the_key(tmp_path):
-    assert error_for({}, write(tmp_path, "workers = 0\n")).startswith("workers")
-    assert error_for({}, write(tmp_path, 'spool_mode = 0\n')).startswith("spool_mode")
+def test_bad_value_in_the_file_names_the_file_and_the_key(tmp_path):
+    path = write(tmp_path, "workers = 0\n")
+    assert error_for({}, path).startswith(f"config file {path}: workers:")
+    path = write(tmp_path, "spool_mode = 0\n")
+    assert error_for({}, path).startswith(f"config file {path}: spool_mode:")
+    # Checked even where the command line overrides the key.
+    assert error_for({"workers": "2"}, write(tmp_path, "workers = 0\n")).endswith("got 0")
 
 
 # --- listen ---------------------------------------------------------------------------

@@ -558,10 +558,6 @@ def test_cli_bad_config_file(work_dir, toml, key):
     check_refusal(result, 2, key)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, subprocess.TimeoutExpired),
-                   reason="BUG: a bad value in the config file goes unchecked when the same "
-                   "key is also given on the command line (the command line replaces it "
-                   "before validation), so the server starts with a broken config file")
 def test_cli_bad_config_value_is_an_error_even_when_the_command_line_overrides_it(work_dir):
     path = work_dir / "shadowed.toml"
     path.write_text("workers = 0\n")
@@ -718,10 +714,6 @@ def test_hup_reloads_the_config_and_replaces_the_workers(server):
     assert rcpt_code("bob@example.org") == 250
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: during a SIGHUP reload a few connections per "
-                   "dozen reloads are accepted by a retiring worker and never greeted: the "
-                   "client waits until it times out (before 55c31fc it read EOF at once), and "
-                   "the old worker lingers until graceful_timeout")
 @pytest.mark.slow
 @pytest.mark.parametrize("server", [{"config": "graceful_timeout = 2\n"}], indirect=True)
 def test_hup_refuses_no_client_while_workers_are_replaced(server):
