@@ -191,10 +191,11 @@ class SMTPSession(asyncio.Protocol):
         assert transport is not None
         self._closing = True
         self._update_reading()
-        if not transport.can_write_eof():
+        try:
+            transport.write_eof()
+        except OSError:            # the client has gone already (ENOTCONN)
             transport.close()
             return
-        transport.write_eof()
         asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.close)
 
     def _flush(self, out: list[bytes]) -> None:

@@ -950,3 +950,20 @@ def test_kill_9_in_the_middle_of_an_append_loses_nothing(start_server):
     [msg] = boxes["huge"]
     assert msg["Message-ID"] == "<huge@test>"
     assert msg.get_payload().encode() == body.replace(b"\r\n", b"\n")
+
+
+def test_clients_that_vanish_right_after_quit_leave_no_error(server):
+    """smtp-source style: QUIT and close at once, without reading the 221. The
+    server's half-close then finds the connection gone, which is no error."""
+    for _ in range(100):
+        sock, greeting = server.connect()
+        assert greeting.startswith(S220)
+        sock.sendall(b"HELO vanishing.test\r\n")
+        recv_reply(sock)
+        sock.sendall(b"QUIT\r\n")
+        sock.close()
+    sock, greeting = server.connect()    # still serving
+    with sock:
+        assert greeting.startswith(S220)
+    time.sleep(0.5)
+    assert "error" not in server.stderr().lower(), server.stderr()[-3000:]
