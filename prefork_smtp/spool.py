@@ -34,7 +34,8 @@ def prepare(spool_dir: str, identity: Identity | None) -> None:
         owner = os.stat(spool_dir).st_uid
         if owner != identity.uid:
             raise SpoolError(f"spool {spool_dir} belongs to {_user_name(owner)}, not {identity.user} "
-                             f"(run: chown {identity.user} {spool_dir})")
+                             f"(if it is ccsmtp's own: chown {identity.user} {spool_dir}; "
+                             "or name a new directory with -s and it is created)")
 
 
 def open_queue(spool_dir: str) -> int:
