@@ -388,8 +388,9 @@ def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -
         r = mine[-1]
         held = r.idle_held or 0
         per_conn = (r.tree_pss_peak - r.tree_pss_before) / held / 1024 if held else None
-        notes.append(f"held {held}/{s.idle}, {fmt(per_conn, '.1f')} KB/idle conn, "
-                     f"fresh 220 max {fmt(r.greeting_ms.get('max'), '.0f')} ms, "
+        fresh = (f"fresh 220 max {r.greeting_ms['max']:.0f} ms" if r.greeting_ms
+                 else f"no fresh client greeted within {s.timeout_s:g} s")
+        notes.append(f"held {held}/{s.idle}, {fmt(per_conn, '.1f')} KB/idle conn, {fresh}, "
                      f"{r.accepted}/{r.requested} fresh msgs ok")
         x_acc = ratio(runs, s.key, client, name, lambda r: r.idle_held)
         acc = dlv = mbs = cpu = None

@@ -579,9 +579,19 @@ class Load:
 
     async def _open_idle(self) -> list[ClientProtocol]:
         gate = asyncio.Semaphore(IDLE_CONNECT_BURST)
+        last_greeting = time.monotonic()
+
+        def stalled() -> bool:
+            # A server that stopped greeting (Postfix at its process limit) would cost
+            # a full timeout per IDLE_CONNECT_BURST connections still to try.
+            return time.monotonic() - last_greeting > self.plan.timeout_s
 
         async def one() -> ClientProtocol | None:
+            nonlocal last_greeting
             async with gate:
+                if stalled():
+                    self.stats.idle_errors["stalled"] += 1
+                    return None
                 try:
                     proto = await connect(self.plan.family, self.plan.sockaddr, self.plan.timeout_s)
                 except SMTPClientError as e:
@@ -597,6 +607,7 @@ class Load:
                 self.stats.idle_errors["greeting"] += 1
                 proto.abort()
                 return None
+            last_greeting = time.monotonic()
             return proto
 
         opened = await asyncio.gather(*(one() for _ in range(self.plan.idle)))
@@ -772,7 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: every message to all)")
     load.add_argument("--idle", type=_nonnegative_int, default=0, metavar="N",
                       help="first open N connections that only wait (after the greeting) "
-                           "and hold them while the load runs")
+                           "and hold them while the load runs; once no greeting has come "
+                           "for --timeout seconds the rest are not tried ('stalled')")
     load.add_argument("--hold", type=_nonnegative_float, default=0.0, metavar="SECONDS",
                       help="with --idle: keep the idle connections this long after the load")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -61,6 +61,7 @@ class SinkOptions:
     hold_until_data: bool = False     # withhold replies until DATA: a client that waits deadlocks
     refuse_every: int = 0             # 554 at the end of every Nth message
     silent_after_data: bool = False   # never answer the final dot
+    greet_first: int = 0              # greet only this many connections (0: all)
 
 
 @dataclass
@@ -111,6 +112,8 @@ class SinkSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.sink.connections += 1
+        if self.opt.greet_first and self.sink.connections > self.opt.greet_first:
+            return                          # a server at its process limit: silence
         transport.write(self.opt.greeting + b"\r\n")
 
     def reply(self, line: bytes) -> None:
@@ -475,6 +478,31 @@ def test_idle_connections_are_held_while_the_load_runs(sink, capsys):
     assert result["idle"] == {"requested": 60, "held": 60, "errors": {}}
     assert result["accepted"] == 5 and sink.connections == 65
     assert result["greeting_ms"]["max"] < 1000
+
+
+def test_idle_counts_only_greeted_connections(sink_factory, capsys):
+    sink = sink_factory(greet_first=20)
+    status, out, err = run_main(capsys, "--idle", "100", "--timeout", "0.3", "--to", "b@y.test",
+                                "--server", sink.server, "--json")
+    result = json.loads(out)
+    assert result["idle"]["held"] == 20 and result["idle"]["errors"] == {"timeout": 80}
+    assert status == 1 and err == "ccsmtp-send: error: held 20 of 100 idle connections\n"
+
+
+def test_idle_stops_trying_once_connections_hang(capsys):
+    # A listener that never accepts: past its backlog, connects hang (SYNs dropped),
+    # as they do at a server at its process limit. 2000 / 256 timeouts in a row
+    # would take 8 s; the client gives up after one.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        started = time.monotonic()
+        status, out, _ = run_main(capsys, "--idle", "2000", "--timeout", "0.3", "--to", "b@y.test",
+                                  "--server", "127.0.0.1:%d" % listener.getsockname()[1], "--json")
+        assert time.monotonic() - started < 4
+    result = json.loads(out)
+    assert status == 1 and result["idle"]["held"] == 0
+    assert result["idle"]["errors"]["stalled"] > 1000
 
 
 @pytest.mark.parametrize("args, message", [
