@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import weakref
@@ -324,6 +325,72 @@ class Server:
     def mailboxes(self) -> list[str]:
         """Plain files directly in SPOOL: mailboxes (and NAME.lock while locked)."""
         return sorted(p.name for p in self.spool.iterdir() if p.is_file())
+
+
+# --- figures and resource sampling (test_faults.py, test_hostile.py) --------------------
+
+RELIABILITY_LOG = Path(os.environ.get("CCSMTP_RELIABILITY_LOG", "/tmp/ccsmtp-reliability.txt"))
+
+
+def record_figures(test: str, **figures: object) -> str:
+    """Print what a fault or hostile-input test measured and append it to
+    RELIABILITY_LOG, from which the README's Reliability section is written."""
+    line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} {test}: "
+            + ", ".join(f"{key}={value}" for key, value in figures.items()))
+    print(line)
+    with contextlib.suppress(OSError), open(RELIABILITY_LOG, "a") as f:
+        f.write(line + "\n")
+    return line
+
+
+class RssSampler:
+    """High-water marks of the RSS of a server's master and children, sampled in a
+    thread every `interval` s while the `with` block runs (and once at each end)."""
+
+    def __init__(self, server: Server, interval: float = 0.1):
+        self.server = server
+        self.interval = interval
+        self.peaks: dict[int, int] = {}      # pid -> highest RSS seen, bytes
+        self.roles: dict[int, str] = {}      # pid -> "master", "worker", "delivery"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        try:
+            master = psutil.Process(self.server.pid)
+            procs = [(master, "master")] + [(child, "") for child in master.children()]
+        except psutil.Error:
+            return
+        for proc, role in procs:
+            try:
+                rss = proc.memory_info().rss
+                role = role or process_title(proc).split(" ")[1]
+            except (psutil.Error, IndexError):
+                continue
+            self.roles[proc.pid] = role
+            self.peaks[proc.pid] = max(rss, self.peaks.get(proc.pid, 0))
+
+    def peak(self, role: str) -> int:
+        """The highest RSS of any process in `role` (0 if none was seen)."""
+        return max((rss for pid, rss in self.peaks.items() if self.roles[pid] == role), default=0)
+
+    def summary(self) -> str:
+        return " ".join(f"{role}={self.peak(role) / 2**20:.1f}MB"
+                        for role in ("master", "worker", "delivery"))
 
 
 class ServerFactory:
