@@ -76,7 +76,9 @@ class GroupCommitter:
                 for message, _, future in batch:
                     if not future.done():
                         future.set_result(message.queue_id)
-                self._wake_delivery()
+                # After the sessions' callbacks, which send the 250s: on a small
+                # machine a woken delivery process competes with them for the CPU.
+                loop.call_soon(self._wake_delivery)
         finally:
             self._task = None
 

@@ -33,7 +33,7 @@ from .scoreboard import Scoreboard
 
 log = logging.getLogger("ccsmtp.local")
 
-ROUND_BYTES = 32 * 1024 * 1024     # at most this much message content in memory a round
+ROUND_BYTES = 8 * 1024 * 1024      # at most this much message content in memory a round
 RESCAN_S = 1.0                     # look at the queue at least this often
 BUSY_RETRY_S = 1.0                 # a reader holds the mailbox lock
 ERROR_RETRY_S = 10.0               # disk full, permissions: someone has to act
