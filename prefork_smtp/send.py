@@ -33,7 +33,9 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
+
+from .tcp import stream_transport
 
 PROG = "ccsmtp-send"
 DEFAULT_PORT = 25
@@ -92,11 +94,7 @@ class ClientProtocol(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = stream_transport(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._partial:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
 import time
 from typing import Callable
 
@@ -25,6 +24,7 @@ from .mailboxes import Router
 from .protocol import (CloseConnection, Event, MessageAborted, MessageChunk, SendReply,
                        SMTPConnection, StoreMessage)
 from .queue import QueueError, SpillFile
+from .tcp import stream_transport
 
 # Messages larger than this go to a file as they arrive instead of staying in memory.
 SPILL_BYTES = 1 << 20
@@ -85,11 +85,7 @@ class SMTPSession(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = stream_transport(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
         log.info("connect from [%s]", self.client_ip)
