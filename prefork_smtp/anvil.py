@@ -1,6 +1,6 @@
 """Connections per client IP, counted over all workers (Postfix's anvil, without a server).
 
-Owns: a shared-memory file SPOOL/.ccsmtp/anvil with one region per scoreboard slot.
+Owns: shared memory with one region per scoreboard slot.
 Each worker writes only its own region (an open-addressing table of IP key -> open
 connections) and reads everyone's to decide; no locks are needed, and when a worker
 dies the master wipes its region, so a crash leaks no counts. A read racing a write
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-import os
 import struct
 
 ENTRY = struct.Struct("=Qq")          # IP key (0 = empty), open connections
@@ -21,7 +20,6 @@ ENTRIES_PER_REGION = 4096             # distinct client IPs one worker can track
 REGION_BYTES = ENTRY.size * ENTRIES_PER_REGION
 MAX_KEYS = ENTRIES_PER_REGION * 3 // 4   # keep probe chains short
 MAX_REGIONS = 256                     # slots beyond this are not counted (fail open)
-FILENAME = "anvil"
 
 
 def client_key(ip: str) -> int:
@@ -29,17 +27,12 @@ def client_key(ip: str) -> int:
 
 
 class Anvil:
-    def __init__(self, path: str, *, create: bool = False):
-        size = REGION_BYTES * MAX_REGIONS
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, 0)     # sparse: untouched regions cost no memory
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+    """Anonymous shared memory made by the master before it forks: no file, so a full
+    disk cannot fault a page in (SIGBUS), and nothing is left behind."""
+
+    def __init__(self) -> None:
+        # MAP_SHARED | MAP_ANONYMOUS: inherited by every child, pages on first touch.
+        self._map = mmap.mmap(-1, REGION_BYTES * MAX_REGIONS)
 
     def wipe(self, slot: int) -> None:
         """The owner of slot is gone: forget its connections (the master calls this)."""

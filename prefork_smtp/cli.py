@@ -25,7 +25,8 @@ import json  # noqa: F401
 from . import config as configuration
 from . import listeners as listening
 from . import logs, privileges, spool
-from .anvil import FILENAME as ANVIL, Anvil
+from .anvil import Anvil
+from .mailboxes import STATE_DIR
 from .master import Master
 from .scoreboard import FILENAME as SCOREBOARD, Scoreboard
 
@@ -106,9 +107,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         _die(1, e)
     if removed:
         log.info("removed %d unfinished queue file(s) left by a crash", removed)
-    state_dir = os.path.join(config.spool_dir, ".ccsmtp")
+    state_dir = os.path.join(config.spool_dir, STATE_DIR)
     scoreboard = Scoreboard(os.path.join(state_dir, SCOREBOARD), create=True)
-    anvil = Anvil(os.path.join(state_dir, ANVIL), create=True)
+    anvil = Anvil()
 
     def reload() -> configuration.Config:
         return configuration.build(cli_values, args.config)

@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import socket
 import time
+from typing import Callable
 
 from . import queue
 from .envelope import Envelope
@@ -24,9 +25,13 @@ log = logging.getLogger("ccsmtp.queue")
 
 
 class GroupCommitter:
-    def __init__(self, spool_dir: str, notify: socket.socket | None = None):
+    def __init__(self, spool_dir: str, notify: socket.socket | None = None,
+                 on_breakdown: Callable[[Exception], None] | None = None):
         self.spool_dir = spool_dir
         self.notify = notify
+        # Called when committing fails for a reason of this process's own (it cannot
+        # start its thread, it is out of memory), not of the disk: the worker retires.
+        self.on_breakdown = on_breakdown
         self.ids = queue.QueueIds()
         self._pending: list[tuple[queue.QueuedMessage, queue.SpillFile | None,
                                   asyncio.Future[str]]] = []
@@ -63,9 +68,10 @@ class GroupCommitter:
                 messages = [message for message, _, _ in batch]
                 spills = {m.queue_id: spill for m, spill, _ in batch if spill is not None}
                 try:
-                    await loop.run_in_executor(self._executor, queue.write_batch,
-                                               self.spool_dir, messages, spills)
-                except queue.QueueError as e:
+                    await self._write(messages, spills)
+                except Exception as e:
+                    # QueueError (disk full, I/O error) or worse: these sessions get a
+                    # 4xx, never silence.
                     log.error("queue write failed for %d message(s): %s", len(batch), e)
                     for spill in spills.values():
                         spill.discard()
@@ -81,6 +87,19 @@ class GroupCommitter:
                 loop.call_soon(self._wake_delivery)
         finally:
             self._task = None
+
+    async def _write(self, messages: list[queue.QueuedMessage],
+                     spills: dict[str, queue.SpillFile]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, queue.write_batch, self.spool_dir,
+                                       messages, spills)
+        except RuntimeError as e:
+            # The helper thread cannot start (thread or address-space limit): write
+            # here, blocking the loop, rather than fail the message; and retire.
+            if self.on_breakdown:
+                self.on_breakdown(e)
+            queue.write_batch(self.spool_dir, messages, spills)
 
     def _wake_delivery(self) -> None:
         if self.notify is None:

@@ -78,7 +78,7 @@ class Delivery:
         self._stopping = False
         self._quitting = False
         self._reopen_logs = False
-        self._needs_repair: str | None = None
+        self._needs_repair: set[str] = set()
         self.journal = mbox.AppendJournal(
             os.path.join(config.spool_dir, queue.STATE_DIR, "delivery.journal"))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -176,13 +176,13 @@ class Delivery:
         """
         spool = self.config.spool_dir
         present: dict[str, set[str]] = {}
-        self._needs_repair = mbox.undo_interrupted_append(spool, self.journal)
-        if self._needs_repair is not None:
+        self._needs_repair = mbox.undo_interrupted_appends(spool, self.journal)
+        for mailbox in self._needs_repair:
             # It ends in half a copy that must not count as delivered; nothing more
             # goes into it until it is cut back (see _append).
             log.warning("mailbox %s is locked; it will be repaired after a crash once it is free",
-                        self._needs_repair)
-            present[self._needs_repair] = set()
+                        mailbox)
+            present[mailbox] = set()
         names = queue.ready_batches(spool)
         while names:
             batches, consumed = self._load_batches(names)
@@ -245,10 +245,11 @@ class Delivery:
             return False
         data = itertools.chain.from_iterable(self._format(copy) for copy in copies)
         try:
-            if mailbox == self._needs_repair:
-                if mbox.undo_interrupted_append(self.config.spool_dir, self.journal):
+            if mailbox in self._needs_repair:
+                self._needs_repair = mbox.undo_interrupted_appends(self.config.spool_dir,
+                                                                   self.journal)
+                if mailbox in self._needs_repair:
                     raise mbox.MailboxBusy("locked since a crash")
-                self._needs_repair = None
             mbox.append(self.config.spool_dir, mailbox, data, self.config.spool_mode, self.journal)
         except mbox.MailboxBusy as e:
             if mailbox not in self.retry_at:

@@ -38,6 +38,14 @@ def setup(level: str, path: str | None) -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
+    # asyncio reports through its own logger; give it our handler, not Python's
+    # last-resort one (which prints in another format).
+    aio = logging.getLogger("asyncio")
+    if _handler is not None:
+        aio.removeHandler(_handler)
+    aio.addHandler(handler)
+    aio.setLevel(logging.WARNING)
+    aio.propagate = False
     _handler = handler
 
 

@@ -15,6 +15,8 @@ from typing import Mapping
 # SPEC §6: [a-z0-9._-], never a leading '.', never ending in '.lock', at most 250 octets
 # so that NAME.lock still fits in the 255-octet file name limit.
 MAX_MAILBOX_NAME = 250
+# ccsmtp's own files (queue, state) live in SPOOL/.ccsmtp: no mailbox name starts with '.'.
+STATE_DIR = ".ccsmtp"
 _SAFE_NAME = re.compile(r"[a-z0-9_-][a-z0-9._-]{0,249}")
 
 

@@ -235,11 +235,12 @@ class Master:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            served = self.scoreboard.read(child.slot).served
             self.scoreboard.release(child.slot)
             self.anvil.wipe(child.slot)
-            self._after_death(child, status)
+            self._after_death(child, status, served)
 
-    def _after_death(self, child: Child, status: int) -> None:
+    def _after_death(self, child: Child, status: int, served: int = 0) -> None:
         what = "delivery" if child.worker_id == DELIVERY_SLOT_ID else f"worker {child.worker_id}"
         code = os.waitstatus_to_exitcode(status)
         if code == WORKER_BOOT_ERROR:
@@ -253,7 +254,9 @@ class Master:
             return
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         log.warning("%s (pid %d) died: %s after %.1f s; replacing it", what, child.pid, how, uptime)
-        if uptime < QUICK_DEATH_S and not child.killed:
+        # As Postfix: only a child that dies before serving its first client failed to
+        # start; one killed from outside (kill -9, the OOM killer) after serving did not.
+        if uptime < QUICK_DEATH_S and not child.killed and not served:
             self.quick_deaths += 1
             if self.quick_deaths >= MAX_QUICK_DEATHS:
                 raise MasterError(f"{MAX_QUICK_DEATHS} processes in a row died at start-up; "

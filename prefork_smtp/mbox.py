@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 from .fsutil import fsync_dir, lock_ofd, unlink_quietly, write_all
 from .envelope import Envelope
-from .mailboxes import is_safe_mailbox
+from .mailboxes import STATE_DIR, is_safe_mailbox
 
 # Postfix's stale_lock_time: a dot-lock older than this is left over from a crash.
 STALE_DOTLOCK_S = 500.0
@@ -117,46 +117,71 @@ def mailbox_path(spool_dir: str, mailbox: str) -> str:
 
 
 class AppendJournal:
-    """Where the append in progress started, so that one cut short by kill -9 can be
-    cut back at the next start instead of leaving half a message.
+    """Where appends started, so that one cut short by kill -9 can be cut back at the
+    next start instead of leaving half a message.
 
-    Not fsync'ed: it guards against a killed process, whose writes the kernel keeps,
-    not against a crashed machine (where the unsynced append is not durable either).
+    Slot 0 is the append in progress. An interrupted append whose mailbox was locked
+    at start-up moves to one of the other slots until it is repaired, so the appends
+    that go on meanwhile do not overwrite it. Not fsync'ed: it guards against a killed
+    process, whose writes the kernel keeps, not against a crashed machine (where the
+    unsynced append is not durable either).
     """
 
-    SIZE = 512
+    SLOT = 512
+    SLOTS = 8
 
     def __init__(self, path: str):
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def begin(self, mailbox: str, size: int) -> None:
-        os.pwrite(self._fd, f"{mailbox} {size}\n".encode().ljust(self.SIZE), 0)
+        self._put(0, mailbox, size)
 
     def end(self) -> None:
-        os.pwrite(self._fd, b"\n".ljust(self.SIZE), 0)
+        self._put(0, None, 0)
 
-    def pending(self) -> tuple[str, int] | None:
-        fields = os.pread(self._fd, self.SIZE, 0).split()
-        if len(fields) != 2 or not fields[1].isdigit():
-            return None
-        return fields[0].decode("ascii", "replace"), int(fields[1])
+    def _put(self, slot: int, mailbox: str | None, size: int) -> None:
+        entry = f"{mailbox} {size}\n".encode() if mailbox else b"\n"
+        os.pwrite(self._fd, entry.ljust(self.SLOT), slot * self.SLOT)
+
+    def entries(self) -> list[tuple[str, int]]:
+        """Every append not known to have finished: (mailbox, length before it)."""
+        data = os.pread(self._fd, self.SLOT * self.SLOTS, 0)
+        out = []
+        for slot in range(self.SLOTS):
+            fields = data[slot * self.SLOT:(slot + 1) * self.SLOT].split()
+            if len(fields) == 2 and fields[1].isdigit():
+                out.append((fields[0].decode("ascii", "replace"), int(fields[1])))
+        return out
+
+    def keep_only(self, entries: list[tuple[str, int]]) -> None:
+        """Record what is still to be repaired, in the deferred slots; clear slot 0."""
+        for slot in range(1, self.SLOTS):
+            mailbox, size = entries[slot - 1] if slot - 1 < len(entries) else (None, 0)
+            self._put(slot, mailbox, size)
+        self.end()
 
     def close(self) -> None:
         os.close(self._fd)
 
 
-def undo_interrupted_append(spool_dir: str, journal: AppendJournal) -> str | None:
-    """Cut a mailbox back to where an append that never finished started. Returns
-    the mailbox's name if it could not be repaired (its lock is held)."""
-    pending = journal.pending()
-    if pending is None:
-        return None
-    mailbox, size = pending
-    path = mailbox_path(spool_dir, mailbox)
+def undo_interrupted_appends(spool_dir: str, journal: AppendJournal) -> set[str]:
+    """Cut mailboxes back to where appends that never finished started. Returns the
+    mailboxes that could not be repaired yet (their lock is held)."""
+    waiting = [(mailbox, size) for mailbox, size in journal.entries()
+               if not _cut_back(spool_dir, mailbox, size)]
+    journal.keep_only(waiting[:AppendJournal.SLOTS - 1])
+    return {mailbox for mailbox, _ in waiting}
+
+
+def _cut_back(spool_dir: str, mailbox: str, size: int) -> bool:
+    try:
+        path = mailbox_path(spool_dir, mailbox)
+    except ValueError:
+        return True    # not a name we would have written: nothing to repair
     try:
         _take_dotlock(path + ".lock")
-    except MailboxBusy:
-        return mailbox
+    except (MailboxBusy, OSError):
+        return False
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -168,12 +193,11 @@ def undo_interrupted_append(spool_dir: str, journal: AppendJournal) -> str | Non
             os.close(fd)
     except FileNotFoundError:
         pass
-    except BlockingIOError:
-        return mailbox
+    except OSError:       # BlockingIOError: a reader holds the fcntl lock
+        return False
     finally:
         unlink_quietly(path + ".lock")
-    journal.end()
-    return None
+    return True
 
 
 def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o600,
@@ -248,18 +272,28 @@ def _owner_is_dead(path: str) -> bool:
 
 
 def _take_dotlock(path: str) -> None:
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            if not _remove_if_stale(path):
-                raise MailboxBusy("dot-lock held") from None
-            continue
-        os.write(fd, b"%d\n" % os.getpid())
+    """Create NAME.lock holding our pid, atomically: the pid is written to a scratch
+    file in SPOOL/.ccsmtp first and that is hard-linked to NAME.lock (the NFS-safe
+    dot-lock of liblockfile and mutt), so a process killed at any moment leaves either
+    no lock or one that names it, never an empty one that blocks for 500 s."""
+    scratch = os.path.join(os.path.dirname(path), STATE_DIR, f"dotlock.{os.getpid()}")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        write_all(fd, [b"%d\n" % os.getpid()])
+    finally:
         os.close(fd)
-        return
-    raise MailboxBusy("dot-lock held")
+    try:
+        for _ in range(2):
+            try:
+                os.link(scratch, path)
+                return
+            except FileExistsError:
+                if not _remove_if_stale(path):
+                    raise MailboxBusy("dot-lock held") from None
+        raise MailboxBusy("dot-lock held")
+    finally:
+        unlink_quietly(scratch)
 
 
 def _remove_if_stale(path: str) -> bool:

@@ -28,8 +28,8 @@ from typing import Iterator
 
 from .fsutil import fsync_dir, unlink_quietly, write_all
 from .envelope import Envelope, Recipient
+from .mailboxes import STATE_DIR
 
-STATE_DIR = ".ccsmtp"
 
 
 class QueueError(Exception):

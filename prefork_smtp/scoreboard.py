@@ -15,7 +15,9 @@ import os
 import struct
 import time
 
-SLOT = struct.Struct("=qqqddqq8x")   # 64 bytes a slot
+from .fsutil import write_all
+
+SLOT = struct.Struct("=qqqddqqq")   # 64 bytes a slot
 MAX_SLOTS = 1100                     # 1024 workers, old generations during a reload, delivery
 FILENAME = "scoreboard"
 
@@ -30,6 +32,7 @@ class SlotInfo:
     heartbeat: float        # time.monotonic(), comparable across processes on Linux
     sessions: int
     messages: int
+    served: int             # sessions accepted so far
 
 
 class Scoreboard:
@@ -40,8 +43,10 @@ class Scoreboard:
         fd = os.open(path, flags, 0o644)
         try:
             if create:
+                # Real zeros, not a sparse ftruncate: on a full disk the first write to
+                # a page with no block behind it would kill us with SIGBUS.
                 os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
+                write_all(fd, [bytes(size)])
             access = mmap.ACCESS_WRITE if create else mmap.ACCESS_READ
             self._map = mmap.mmap(fd, size, access=access)
         finally:
@@ -56,16 +61,16 @@ class Scoreboard:
     def claim(self, slot: int, pid: int, worker_id: int, generation: int) -> None:
         now = time.monotonic()
         SLOT.pack_into(self._map, slot * SLOT.size, pid, worker_id, generation, time.time(),
-                       now, 0, 0)
+                       now, 0, 0, 0)
 
-    def beat(self, slot: int, sessions: int, messages: int) -> None:
+    def beat(self, slot: int, sessions: int, messages: int, served: int = 0) -> None:
         offset = slot * SLOT.size
-        pid, worker_id, generation, started, _, _, _ = SLOT.unpack_from(self._map, offset)
+        pid, worker_id, generation, started, *_ = SLOT.unpack_from(self._map, offset)
         SLOT.pack_into(self._map, offset, pid, worker_id, generation, started, time.monotonic(),
-                       sessions, messages)
+                       sessions, messages, served)
 
     def release(self, slot: int) -> None:
-        SLOT.pack_into(self._map, slot * SLOT.size, 0, 0, 0, 0.0, 0.0, 0, 0)
+        SLOT.pack_into(self._map, slot * SLOT.size, 0, 0, 0, 0.0, 0.0, 0, 0, 0)
 
     def read(self, slot: int) -> SlotInfo:
         return SlotInfo(slot, *SLOT.unpack_from(self._map, slot * SLOT.size))

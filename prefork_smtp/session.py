@@ -57,6 +57,9 @@ class SessionHooks:
     def release(self, client_ip: str) -> None:
         """A connection counted by admit() has ended."""
 
+    def broken(self, why: str) -> None:
+        """This process can no longer serve well (out of memory): let it be replaced."""
+
 
 class SMTPSession(asyncio.Protocol):
     def __init__(self, config: Config, router: Router, committer: GroupCommitter,
@@ -262,11 +265,19 @@ class SMTPSession(asyncio.Protocol):
     def _guarded(self, action: Callable[[], None]) -> None:
         try:
             action()
+        except MemoryError:
+            # Not a bug to trace: this process is out of memory; it retires.
+            log.error("out of memory in session with [%s]", self.client_ip)
+            self.hooks.broken("out of memory")
+            self._fail()
         except Exception:
             log.exception("internal error in session with [%s]", self.client_ip)
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(bytes(R.LOCAL_ERROR))
-                self.transport.close()
+            self._fail()
+
+    def _fail(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(bytes(R.LOCAL_ERROR))
+            self.transport.close()
 
     # --- flow control and deadlines -----------------------------------------------------
 

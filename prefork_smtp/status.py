@@ -18,6 +18,7 @@ from typing import Any, NoReturn, Sequence
 import psutil
 
 from .delivery import DELIVERY_SLOT_ID
+from .mailboxes import STATE_DIR
 from .scoreboard import FILENAME, Scoreboard, SlotInfo
 
 PROG = "ccsmtp-status"
@@ -30,7 +31,7 @@ def _die(message: str) -> NoReturn:
 
 
 def collect(spool_dir: str, pidfile: str | None = None) -> list[dict[str, Any]]:
-    path = os.path.join(spool_dir, ".ccsmtp", FILENAME)
+    path = os.path.join(spool_dir, STATE_DIR, FILENAME)
     try:
         board = Scoreboard(path)
     except FileNotFoundError:

@@ -13,12 +13,14 @@ Exit codes: 0 after a stop or retirement, WORKER_BOOT_ERROR if it could not star
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import random
 import signal
 import socket
 import time
+from typing import Callable
 
 import psutil
 from setproctitle import setproctitle
@@ -39,6 +41,7 @@ WORKER_BOOT_ERROR = 3
 ACCEPT_BATCH = 16
 LISTEN_BACKLOG = 4096
 HEARTBEAT_S = 1.0
+RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # How a worker stops: RETIRE lets sessions end by themselves (reload, recycling),
 # GRACEFUL says 421 to idle sessions at once (SIGTERM), FAST drops them (SIGQUIT).
 RETIRE, GRACEFUL, FAST = "retire", "graceful", "fast"
@@ -55,6 +58,7 @@ class WorkerHooks(SessionHooks):
         self.region = region
         self.scoreboard = scoreboard
         self.live_slots: list[int] = []
+        self.on_broken: Callable[[str], None] | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -72,6 +76,10 @@ class WorkerHooks(SessionHooks):
     def release(self, client_ip: str) -> None:
         if self.limit:
             self.region.add(client_ip, -1)
+
+    def broken(self, why: str) -> None:
+        if self.on_broken is not None:
+            self.on_broken(why)
 
 
 def router_for(config: Config) -> Router:
@@ -91,9 +99,10 @@ class Worker:
         self.master_pid = master_pid
         self.status = status
         self.router = router_for(config)
-        self.committer = GroupCommitter(config.spool_dir, notify)
+        self.committer = GroupCommitter(config.spool_dir, notify, self._broke)
         self.hooks = WorkerHooks(config.max_connections_per_client, AnvilRegion(anvil, slot),
                                  scoreboard)
+        self.hooks.on_broken = self._broke
         self.sessions_served = 0
         self.max_sessions = self._jittered(config.max_sessions_per_worker)
         self._stop: asyncio.Event | None = None
@@ -124,6 +133,7 @@ class Worker:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_error)
         self._stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, self.stop, GRACEFUL)
         loop.add_signal_handler(signal.SIGQUIT, self.stop, FAST)
@@ -149,8 +159,30 @@ class Worker:
         await self.committer.drain()
         self.committer.close()
 
+    def _broke(self, why: object) -> None:
+        log.error("worker %d is short of resources (%s): retiring it", self.worker_id, why)
+        self.stop(RETIRE)
+
+    @staticmethod
+    def _loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's reports, in our log. Running out of descriptors or buffers is a
+        known condition (asyncio retries the accept a second later): one line, no
+        traceback."""
+        error = context.get("exception")
+        message = context.get("message", "event loop error")
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+            log.warning("%s: %s; retrying", message, error.strerror)
+        else:
+            log.error("%s", message, exc_info=error)
+
+    def _beat(self) -> None:
+        self.scoreboard.beat(self.slot, len(self.hooks.sessions), self.hooks.messages,
+                             self.sessions_served)
+
     def _new_session(self) -> SMTPSession:
         self.sessions_served += 1
+        if self.sessions_served == 1:
+            self._beat()   # from now on a death is not a start-up failure
         if self.max_sessions and self.sessions_served >= self.max_sessions:
             log.info("worker %d retiring after %d sessions", self.worker_id, self.sessions_served)
             self.stop(RETIRE)
@@ -195,7 +227,7 @@ class Worker:
         next_rss_check = time.monotonic() + RSS_CHECK_S
         process = psutil.Process()
         while True:
-            self.scoreboard.beat(self.slot, len(self.hooks.sessions), self.hooks.messages)
+            self._beat()
             self.hooks.refresh()
             self._show_title()
             if os.getppid() != self.master_pid:

@@ -203,11 +203,6 @@ def wait_until_reaped(pids: list[int], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the data checks pass, but the service is often without any worker: the master "
-    "takes workers killed under load for start-up failures and backs off up to 5 s, and "
-    "gives up after 10 (see test_a_worker_killed_after_serving_clients_is_replaced_at_once_"
-    "however_often)"))
 @pytest.mark.parametrize("server", [{"workers": 2}], indirect=True)
 def test_kill_9_workers_under_load_then_the_whole_group_loses_no_acknowledged_message(
         server, start_server):
@@ -402,11 +397,7 @@ def test_a_full_disk_gives_452_never_250_and_the_server_recovers_when_space_retu
 
 @pytest.mark.parametrize("free_bytes", [
     pytest.param(128 * 1024, id="some-space-left"),
-    pytest.param(0, id="no-space-left", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: on a full disk the dot-lock is created but writing its pid fails (ENOSPC); "
-        "mbox._take_dotlock leaves the empty SPOOL/NAME.lock behind (and its fd open), and an "
-        "empty dot-lock only goes stale after STALE_DOTLOCK_S (500 s): the mailbox gets "
-        "nothing for 8 minutes after space returns"))),
+    pytest.param(0, id="no-space-left"),
 ])
 def test_delivery_into_a_full_disk_leaves_no_half_message_and_delivers_when_space_returns(
         small_disk, start_server, free_bytes):
@@ -447,12 +438,6 @@ def _keep_teardown_clean(server: Server, disk: SmallDisk) -> None:
         server.crash()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the anvil (SPOOL/.ccsmtp/anvil) is a sparse file used through mmap; on a full disk "
-    "the first write to a never-touched page raises SIGBUS. When the delivery process dies, "
-    "the master's reap_children() wipes its slot's region (master.py reap_children -> "
-    "anvil.wipe, never touched before since delivery keeps no counts) and the master dies of "
-    "SIGBUS; the workers then exit: a full spool disk takes the whole service down"))
 @pytest.mark.parametrize("event", ["delivery killed", "reload"])
 def test_while_the_disk_is_full_replaced_processes_keep_the_service_up(small_disk, start_server,
                                                                        event):
@@ -485,13 +470,6 @@ def test_while_the_disk_is_full_replaced_processes_keep_the_service_up(small_dis
 
 # --- crash recovery corner cases found by the kill -9 runs -----------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the append journal has one slot. When the mailbox of an append cut short by "
-    "kill -9 is locked at restart (a reader, or a zombie's dot-lock), Delivery.recover() "
-    "defers the repair (delivery.py _needs_repair), but the next append to ANY other mailbox "
-    "overwrites the journal (mbox._append_locked -> journal.begin), so undo_interrupted_append() "
-    "later finds nothing to undo: the half copy stays in the mailbox and the whole message is "
-    "appended after it (seen in the kill -9 run as duplicates of acknowledged messages)"))
 def test_an_append_cut_by_kill_9_is_repaired_even_if_its_mailbox_is_locked_at_restart(
         start_server):
     body = (b"x" * 76 + b"\r\n") * (16 * 1024 * 1024 // 78)
@@ -526,13 +504,6 @@ def test_an_append_cut_by_kill_9_is_repaired_even_if_its_mailbox_is_locked_at_re
         f"{len(messages)} copies in the mailbox, whole: {whole}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: master._after_death() counts every death within QUICK_DEATH_S (2 s) of the start as "
-    "a start-up failure, even of a worker that has served clients and was killed from outside "
-    "(kill -9, OOM killer): replacements are then delayed 0.2, 0.4 ... 5 s (no worker at all "
-    "meanwhile) and after 10 such deaths the master exits. Postfix throttles only a child "
-    "that dies before serving its first client; the scoreboard knows how many sessions a "
-    "worker has had"))
 @pytest.mark.parametrize("server", [{"workers": 1}], indirect=True)
 def test_a_worker_killed_after_serving_clients_is_replaced_at_once_however_often(server):
     delays = []
@@ -597,11 +568,6 @@ def timed_send(server: Server, message_id: str, source_ip: str = "127.0.0.1") ->
     return time.monotonic() - started
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a worker out of file descriptors makes asyncio log 'socket.accept() out of system "
-    "resource' with a full traceback, once a second per listener, through Python's "
-    "last-resort handler (the 'asyncio' logger is not set up by logs.setup(), so the lines are "
-    "not in ccsmtp's format either); the service itself survives"))
 def test_a_worker_out_of_file_descriptors_does_not_take_the_service_down(server):
     starved, other = server.wait_for_processes("ccsmtp: worker", 2)
     set_rlimit(starved.pid, "nofile", 48, 48)
@@ -658,14 +624,6 @@ def test_a_worker_out_of_file_descriptors_does_not_take_the_service_down(server)
     assert "Traceback" not in server.stderr()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when a worker cannot start the committer's helper thread (address space or thread "
-    "limit), GroupCommitter._commit_all() dies with RuntimeError (committer.py: only "
-    "QueueError is caught around run_in_executor); the futures of the batch are never "
-    "resolved, so the client never gets a reply to DATA (the session's deadline is "
-    "suspended while storing), and every later message in that worker hangs the same way, "
-    "while its heartbeat keeps the master from replacing it ('Task exception was never "
-    "retrieved' in the log)"))
 @pytest.mark.parametrize("server", [{"config": QUICK_STOP}], indirect=True)
 def test_a_worker_that_cannot_allocate_answers_or_is_replaced_and_the_service_stays_up(server):
     starved, other = server.wait_for_processes("ccsmtp: worker", 2)
