@@ -23,6 +23,8 @@ from .envelope import Envelope
 
 log = logging.getLogger("ccsmtp.queue")
 
+WAKE_INTERVAL_S = 0.005
+
 
 class GroupCommitter:
     def __init__(self, spool_dir: str, notify: socket.socket | None = None,
@@ -36,6 +38,8 @@ class GroupCommitter:
         self._pending: list[tuple[queue.QueuedMessage, queue.SpillFile | None,
                                   asyncio.Future[str]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._wake_handle: asyncio.TimerHandle | None = None
+        self._last_wake = 0.0
         # One thread: while it syncs one batch the next one fills up.
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "commit")
 
@@ -61,7 +65,6 @@ class GroupCommitter:
         return future
 
     async def _commit_all(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
@@ -82,9 +85,7 @@ class GroupCommitter:
                 for message, _, future in batch:
                     if not future.done():
                         future.set_result(message.queue_id)
-                # After the sessions' callbacks, which send the 250s: on a small
-                # machine a woken delivery process competes with them for the CPU.
-                loop.call_soon(self._wake_delivery)
+                self._schedule_wake()
         finally:
             self._task = None
 
@@ -101,7 +102,19 @@ class GroupCommitter:
                 self.on_breakdown(e)
             queue.write_batch(self.spool_dir, messages, spills)
 
+    def _schedule_wake(self) -> None:
+        """Wake delivery after the sessions' callbacks have sent their 250s (on a small
+        machine it competes with them for the CPU), and at most every WAKE_INTERVAL_S:
+        under load one wake-up then serves many batches, with fewer mailbox fsyncs."""
+        if self._wake_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._last_wake + WAKE_INTERVAL_S - loop.time())
+        self._wake_handle = loop.call_later(delay, self._wake_delivery)
+
     def _wake_delivery(self) -> None:
+        self._wake_handle = None
+        self._last_wake = asyncio.get_running_loop().time()
         if self.notify is None:
             return
         try:

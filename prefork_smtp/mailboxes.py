@@ -24,6 +24,11 @@ def is_safe_mailbox(name: str) -> bool:
     return bool(_SAFE_NAME.fullmatch(name)) and not name.endswith(".lock")
 
 
+def _fold(text: str) -> str:
+    lowered = text.lower()
+    return lowered if text.isascii() or not lowered.isascii() else text
+
+
 class Rejection(enum.Enum):
     NOT_LOCAL = "not a local domain"          # would make us a relay
     UNKNOWN_USER = "no such mailbox"          # not allowed, unsafe or non-ASCII
@@ -49,7 +54,9 @@ class Router:
     def route(self, local_part: str, domain: str | None) -> str | Rejection:
         if not self.is_local(domain):
             return Rejection.NOT_LOCAL
-        local = local_part.lower()
+        # Lower-casing is for ASCII: str.lower() maps some non-ASCII letters to ASCII
+        # ones (KELVIN SIGN to 'k'), which would route them to another user's mailbox.
+        local = _fold(local_part)
         # RFC 5233 sub-addressing: alice+tag is delivered to alice.
         base = local.split("+", 1)[0] or local
         for key in self._alias_keys(local, base, domain):

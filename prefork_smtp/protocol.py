@@ -28,6 +28,10 @@ from .mailboxes import Rejection, Router
 # RFC 5321 §4.5.3.1.4: 512 octets per command line including CRLF; §4.5.3.1.5 lets
 # extensions add to it. SIZE, BODY and SMTPUTF8 together need well under 512 more.
 MAX_COMMAND_LINE = 512 + 512
+# Postfix's smtpd_junk_command_limit: past this many NOOP, VRFY and RSET without a
+# delivered message, each one counts as an error (tarpit, then hard_error_limit).
+JUNK_COMMAND_LIMIT = 100
+JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "RSET"})
 # RFC 5321 §6.3 recommends a hop limit; Postfix's hopcount_limit is 50.
 MAX_RECEIVED_HEADERS = 50
 
@@ -48,6 +52,8 @@ class State(enum.Enum):
 class SendReply:
     data: bytes
     is_error: bool = False
+    # Past soft_error_limit: the session waits error_delay_s before sending it (tarpit).
+    tarpit: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,13 +101,15 @@ class SMTPConnection:
     """One SMTP session's protocol state. Not thread-safe; one per connection."""
 
     def __init__(self, config: Config, router: Router, client_address: str = "unknown",
-                 chunk_bytes: int | None = None):
+                 chunk_bytes: int | None = None, max_commands_per_feed: int | None = None):
         self.config = config
         self.chunk_bytes = chunk_bytes   # hand out DATA in MessageChunks past this size
+        self.max_commands_per_feed = max_commands_per_feed
         self.router = router
         self.client_address = client_address
         self.state = State.CONNECTED
         self.error_count = 0
+        self.junk_commands = 0       # NOOP, VRFY, RSET: past JUNK_COMMAND_LIMIT they count as errors
         self.commands_done = 0       # bumps per command line and per DATA block
         self.messages_accepted = 0
         self._buf = bytearray()
@@ -128,6 +136,7 @@ class SMTPConnection:
         self._expect(State.STORING)
         self.messages_accepted += 1
         self.error_count = 0    # Postfix counts errors "without delivering mail"
+        self.junk_commands = 0
         reply = R.QUEUED.with_text(R.QUEUED.text.format(queue_id))
         return self._finish_message(reply)
 
@@ -153,11 +162,16 @@ class SMTPConnection:
     def reading_data(self) -> bool:
         return self.state is State.DATA
 
+    @property
+    def has_unread_commands(self) -> bool:
+        """Pipelined input left over by max_commands_per_feed: call feed(b"")."""
+        return self.state in _SESSION_STATES and self._buf.find(b"\n") >= 0
+
     # --- input processing -------------------------------------------------------
 
     def _process(self) -> list[Event]:
         events: list[Event] = []
-        pos = 0
+        pos = handled = 0
         while self.state not in (State.STORING, State.CLOSED):
             if self.state is State.DATA:
                 pos = self._take_data(pos, events)
@@ -173,6 +187,9 @@ class SMTPConnection:
             if self._shutting_down and self.state in (State.CONNECTED, State.GREETED):
                 events.extend(self._close_with(R.SHUTTING_DOWN))
                 break
+            if self.max_commands_per_feed and handled >= self.max_commands_per_feed:
+                break   # the rest waits for feed(b""): other sessions get a turn
+            handled += 1
             line = bytes(self._buf[pos:line_end])
             pos = line_end + 1
             self.commands_done += 1
@@ -214,19 +231,27 @@ class SMTPConnection:
         result = command.handler(self, arg.strip(" "))
         if isinstance(result, bytes):
             events.append(SendReply(result))
+        elif verb.upper() in JUNK_COMMANDS and self._too_much_junk():
+            self._reply(events, result, counts_as_error=True)
         else:
             self._reply(events, result)
         if self.state is State.CLOSED and not isinstance(events[-1], CloseConnection):
             events.append(CloseConnection())   # QUIT (an error past the limit closed already)
 
-    def _reply(self, events: list[Event], reply: R.Reply) -> None:
-        events.append(SendReply(bytes(reply), reply.is_error))
+    def _too_much_junk(self) -> bool:
+        self.junk_commands += 1
+        return self.junk_commands > JUNK_COMMAND_LIMIT
+
+    def _reply(self, events: list[Event], reply: R.Reply, counts_as_error: bool = False) -> None:
         # RFC 5321 §4.2.5 style: 4xx "too many recipients" is not the client's error.
-        if reply.is_error and reply is not R.TOO_MANY_RECIPIENTS:
+        if (counts_as_error or reply.is_error) and reply is not R.TOO_MANY_RECIPIENTS:
             self.error_count += 1
-            # SPEC §5: *more than* hard_error_limit errors closes the session.
-            if self.error_count > self.config.hard_error_limit:
-                events.extend(self._close_with(R.TOO_MANY_ERRORS))
+        tarpit = self.error_count > self.config.soft_error_limit and (
+            counts_as_error or reply.is_error)
+        events.append(SendReply(bytes(reply), reply.is_error, tarpit))
+        # SPEC §5: *more than* hard_error_limit errors closes the session.
+        if self.error_count > self.config.hard_error_limit:
+            events.extend(self._close_with(R.TOO_MANY_ERRORS))
 
     def _close_with(self, reply: R.Reply) -> list[Event]:
         if self.state is State.CLOSED:

@@ -28,8 +28,11 @@ from .tcp import stream_transport
 
 # Messages larger than this go to a file as they arrive instead of staying in memory.
 SPILL_BYTES = 1 << 20
+# Pipelined commands handled before other sessions get a turn (a client pipelining
+# megabytes of NOOP must not hold the worker's loop).
+COMMANDS_PER_TURN = 100
 # After our last reply, how long a client gets to close its end before we do.
-CLOSE_LINGER_S = 2.0
+CLOSE_LINGER_S = 1.0
 
 log = logging.getLogger("ccsmtp.smtpd")
 
@@ -84,6 +87,7 @@ class SMTPSession(asyncio.Protocol):
         self._spill: SpillFile | None = None
         self._shutdown_requested = False
         self._closing = False
+        self._more_scheduled = False
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -101,7 +105,8 @@ class SMTPSession(asyncio.Protocol):
             transport.write(bytes(R.SHUTTING_DOWN))
             transport.close()
             return
-        self.conn = SMTPConnection(self.config, self.router, self.client_ip, chunk_bytes=SPILL_BYTES)
+        self.conn = SMTPConnection(self.config, self.router, self.client_ip, chunk_bytes=SPILL_BYTES,
+                                   max_commands_per_feed=COMMANDS_PER_TURN)
         self._arm_deadline()
         self._run(self.conn.greeting())
 
@@ -155,6 +160,15 @@ class SMTPSession(asyncio.Protocol):
         self._pending.extend(events)
         self._drain()
         self._rearm_if_progress()
+        if self.conn is not None and self.conn.has_unread_commands and not self._more_scheduled:
+            self._more_scheduled = True
+            asyncio.get_running_loop().call_soon(self._feed_more)
+
+    def _feed_more(self) -> None:
+        self._more_scheduled = False
+        if self.conn is None or self._busy:
+            return     # _stored() or the tarpit's resume comes back here through _run
+        self._guarded(lambda: self._run(self.conn.feed(b"")))
 
     def _drain(self) -> None:
         # Replies to pipelined commands go out in one write (one syscall, one segment).
@@ -162,7 +176,7 @@ class SMTPSession(asyncio.Protocol):
         while self._pending and not self._busy and self.transport is not None:
             event = self._pending.popleft()
             if isinstance(event, SendReply):
-                if event.is_error and self._should_tarpit():
+                if event.tarpit and self.config.error_delay_s > 0:
                     self._flush(out)
                     self._delay_then(event)
                     return
@@ -195,19 +209,14 @@ class SMTPSession(asyncio.Protocol):
         except OSError:            # the client has gone already (ENOTCONN)
             transport.close()
             return
-        asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.close)
+        # abort, not close: close() waits for the output to drain, and a client that
+        # never reads would hold the connection for ever.
+        asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
 
     def _flush(self, out: list[bytes]) -> None:
         if out and self.transport is not None:
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         out.clear()
-
-    def _should_tarpit(self) -> bool:
-        # Postfix smtpd_soft_error_limit / smtpd_error_sleep_time: slow down a client
-        # that keeps making errors, before the hard limit throws it out.
-        conn = self.conn
-        return (conn is not None and self.config.error_delay_s > 0
-                and conn.error_count > self.config.soft_error_limit)
 
     def _delay_then(self, reply: SendReply) -> None:
         self._busy = True
@@ -217,7 +226,7 @@ class SMTPSession(asyncio.Protocol):
             self._busy = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(reply.data)
-                self._drain()
+                self._run([])
 
         asyncio.get_running_loop().call_later(self.config.error_delay_s, resume)
 
@@ -284,7 +293,8 @@ class SMTPSession(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        want_paused = (self._busy or self._write_blocked) and not self._closing
+        unread = self.conn is not None and self.conn.has_unread_commands
+        want_paused = (self._busy or self._write_blocked or unread) and not self._closing
         if want_paused and not self._reading_paused:
             self.transport.pause_reading()
         elif not want_paused and self._reading_paused:

@@ -230,7 +230,7 @@ class Worker:
             self._beat()
             self.hooks.refresh()
             self._show_title()
-            if os.getppid() != self.master_pid:
+            if os.getppid() != self.master_pid and not self._mode:
                 log.warning("worker %d: master is gone, finishing sessions", self.worker_id)
                 self.stop(RETIRE)
             if self.config.max_worker_rss_bytes and time.monotonic() >= next_rss_check:

@@ -144,11 +144,13 @@ def make_config(**overrides) -> config.Config:
     return config.build(values)
 
 
-def make_conn(chunk_bytes: int | None = None, **overrides) -> P.SMTPConnection:
+def make_conn(chunk_bytes: int | None = None, max_commands_per_feed: int | None = None,
+              **overrides) -> P.SMTPConnection:
     cfg = make_config(**overrides)
     router = Router(cfg.domains, recipients=cfg.recipients, aliases=cfg.aliases,
                     catchall=cfg.catchall)
-    return P.SMTPConnection(cfg, router, client_address=CLIENT_IP, chunk_bytes=chunk_bytes)
+    return P.SMTPConnection(cfg, router, client_address=CLIENT_IP, chunk_bytes=chunk_bytes,
+                            max_commands_per_feed=max_commands_per_feed)
 
 
 # Feeding modes: the script whole or one byte at a time; "+chunks" also has the
@@ -1107,3 +1109,42 @@ def test_shutdown_during_a_transaction_lets_it_finish(mode):
         == [S250_RCPT, S354, S250_QUEUED, S421_SHUTDOWN]
     assert client.closed
     assert len(client.messages) == 1
+
+
+# --- junk commands, tarpit marks and fairness ------------------------------------------
+
+def test_junk_commands_past_the_limit_count_as_errors(mode):
+    # Postfix smtpd_junk_command_limit: NOOP, VRFY and RSET without end are an attack.
+    client = connect(mode, hard_error_limit=3)
+    client.send(EHLO)
+    replies = client.send(b"NOOP\r\n" * P.JUNK_COMMAND_LIMIT)
+    assert replies == [S250_NOOP] * P.JUNK_COMMAND_LIMIT and not client.closed
+    replies = client.send(b"NOOP\r\n" * 5)
+    assert replies[:4] == [S250_NOOP] * 4 and replies[4] == S421_ERRORS
+    assert client.closed
+
+
+def test_an_accepted_message_resets_the_junk_count(mode):
+    client = connect(mode, hard_error_limit=1)
+    client.send(EHLO + b"NOOP\r\n" * P.JUNK_COMMAND_LIMIT)
+    assert deliver(client, b"hi\r\n")[-1] == S250_QUEUED
+    client.send(b"NOOP\r\n" * P.JUNK_COMMAND_LIMIT)
+    assert not client.closed
+
+
+def test_replies_past_the_soft_error_limit_are_marked_for_the_tarpit():
+    conn = make_conn(None, soft_error_limit=2, hard_error_limit=10)
+    conn.greeting()
+    marks = [e.tarpit for e in conn.feed(b"BOGUS\r\n" * 4) if isinstance(e, P.SendReply)]
+    assert marks == [False, False, True, True]
+
+
+def test_pipelined_commands_are_handled_a_turn_at_a_time():
+    conn = make_conn(None, max_commands_per_feed=100)
+    conn.greeting()
+    replies = [e for e in conn.feed(b"EHLO x\r\n" + b"HELP\r\n" * 249) if isinstance(e, P.SendReply)]
+    assert len(replies) == 100 and conn.has_unread_commands
+    replies += [e for e in conn.feed(b"") if isinstance(e, P.SendReply)]
+    replies += [e for e in conn.feed(b"") if isinstance(e, P.SendReply)]
+    assert len(replies) == 250 and not conn.has_unread_commands
+    assert conn.feed(b"HEL") == [] and not conn.has_unread_commands   # half a line is not a command
