@@ -35,7 +35,7 @@ import pytest
 
 from conftest import (DOMAIN, IS_ROOT, QUEUED, RUN_AS, SENDER, RssSampler, Server, make_message,
                       record_figures, recv_reply)
-from test_integration import QUICK_STOP, _stopped_delivery
+from test_integration import HUGE_BODY, QUICK_STOP, _stopped_delivery, crash_in_the_middle_of_an_append
 
 CHAOS_SECONDS = float(os.environ.get("CCSMTP_CHAOS_SECONDS", "8"))
 CHAOS_SENDERS = 20
@@ -472,25 +472,8 @@ def test_while_the_disk_is_full_replaced_processes_keep_the_service_up(small_dis
 
 def test_an_append_cut_by_kill_9_is_repaired_even_if_its_mailbox_is_locked_at_restart(
         start_server):
-    body = (b"x" * 76 + b"\r\n") * (16 * 1024 * 1024 // 78)
-    content = b"Subject: torn\r\nMessage-ID: <torn@test>\r\n\r\n" + body
-    for _ in range(3):
-        first = start_server(config=QUICK_STOP)
-        delivery = _stopped_delivery(first)
-        first.send([f"torn@{DOMAIN}"], content)
-        os.kill(delivery.pid, signal.SIGCONT)
-        mailbox = first.path("torn")
-        deadline = time.monotonic() + 10
-        while not (mailbox.exists() and mailbox.stat().st_size > 0):
-            assert time.monotonic() < deadline
-            time.sleep(0.0005)
-        old = [first.pid] + [p.pid for p in first.processes("")]
-        first.crash()
-        if mailbox.stat().st_size < len(body) // 2:
-            break   # caught it half-way
-        mailbox.unlink()
-    else:
-        pytest.skip("the append always finished before the kill")
+    first, old = crash_in_the_middle_of_an_append(start_server, "torn")
+    mailbox = first.path("torn")
     wait_until_reaped(old)
     with open(mailbox, "rb+") as reader:
         fcntl.lockf(reader, fcntl.LOCK_EX)     # mutt has the mailbox open at restart
@@ -499,7 +482,7 @@ def test_an_append_cut_by_kill_9_is_repaired_even_if_its_mailbox_is_locked_at_re
         second.wait_for_messages("other", 1)
         fcntl.lockf(reader, fcntl.LOCK_UN)
     messages = second.settle(["torn"], timeout=30)["torn"]
-    whole = [m.get_payload().encode() == body.replace(b"\r\n", b"\n") for m in messages]
+    whole = [m.get_payload().encode() == HUGE_BODY.replace(b"\r\n", b"\n") for m in messages]
     assert [m["Message-ID"] for m in messages] == ["<torn@test>"] and whole == [True], \
         f"{len(messages)} copies in the mailbox, whole: {whole}"
 

@@ -924,32 +924,41 @@ def test_sigquit_during_delivery_leaves_no_lock_and_loses_nothing(start_server):
         assert msg["Message-ID"] == "<fast@test>" and msg.get_payload() == "Hello.\n"
 
 
-def test_kill_9_in_the_middle_of_an_append_loses_nothing(start_server):
-    """SPEC §6: 250 means delivered even after kill -9, and nothing partial anywhere
-    (found broken before 55c31fc: the partial copy counted as delivered at restart)."""
-    body = (b"x" * 76 + b"\r\n") * (16 * 1024 * 1024 // 78)
-    content = b"Subject: huge\r\nMessage-ID: <huge@test>\r\n\r\n" + body
-    for attempt in range(3):
+HUGE_BODY = (b"x" * 76 + b"\r\n") * (16 * 1024 * 1024 // 78)
+
+
+def crash_in_the_middle_of_an_append(start_server, name: str) -> tuple[Server, list[int]]:
+    """Queue a 16 MB message for SPOOL/name and kill -9 the whole server while delivery
+    is half-way through appending it (up to 3 tries; skips the test if it always
+    finished first). Returns the crashed server and the pids it had."""
+    content = (f"Subject: {name}\r\nMessage-ID: <{name}@test>\r\n\r\n").encode() + HUGE_BODY
+    for _ in range(3):
         first = start_server(config=QUICK_STOP)
         delivery = _stopped_delivery(first)
-        first.send([f"huge@{DOMAIN}"], content)
+        first.send([f"{name}@{DOMAIN}"], content)
         os.kill(delivery.pid, signal.SIGCONT)
-        mailbox = first.path("huge")
+        mailbox = first.path(name)
         deadline = time.monotonic() + 10
         while not (mailbox.exists() and mailbox.stat().st_size > 0):
             assert time.monotonic() < deadline
             time.sleep(0.0005)
+        pids = [first.pid] + [p.pid for p in first.processes("")]
         first.crash()
-        if mailbox.stat().st_size < len(body) // 2:
-            break   # caught it half-way
+        if mailbox.stat().st_size < len(HUGE_BODY) // 2:
+            return first, pids   # caught it half-way
         mailbox.unlink()
-    else:
-        pytest.skip("the append always finished before the kill")
+    pytest.skip("the append always finished before the kill")
+
+
+def test_kill_9_in_the_middle_of_an_append_loses_nothing(start_server):
+    """SPEC §6: 250 means delivered even after kill -9, and nothing partial anywhere
+    (found broken before 55c31fc: the partial copy counted as delivered at restart)."""
+    first, _ = crash_in_the_middle_of_an_append(start_server, "huge")
     second = start_server(spool=first.spool, config=QUICK_STOP)
     boxes = second.settle(["huge"], timeout=30)
     [msg] = boxes["huge"]
     assert msg["Message-ID"] == "<huge@test>"
-    assert msg.get_payload().encode() == body.replace(b"\r\n", b"\n")
+    assert msg.get_payload().encode() == HUGE_BODY.replace(b"\r\n", b"\n")
 
 
 def test_clients_that_vanish_right_after_quit_leave_no_error(server):
