@@ -322,6 +322,15 @@ class Server:
                                      f"--- server log:\n{self.stderr()[-4000:]}")
             time.sleep(0.02)
 
+    def wait_for_empty_queue(self, timeout: float = 5.0) -> None:
+        """Delivery removes a batch just after its mailboxes have it: wait for that."""
+        queue_dir = self.spool / ".ccsmtp" / "queue"
+        deadline = time.monotonic() + timeout
+        while any(queue_dir.iterdir()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"queue not empty after {timeout} s\n{self.stderr()[-3000:]}")
+            time.sleep(0.01)
+
     def mailboxes(self) -> list[str]:
         """Plain files directly in SPOOL: mailboxes (and NAME.lock while locked)."""
         return sorted(p.name for p in self.spool.iterdir() if p.is_file())
