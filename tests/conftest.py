@@ -234,7 +234,13 @@ class Server:
         return sock, recv_reply(sock, timeout)
 
     def smtp(self, helo: str = CLIENT_HELO, timeout: float = 10.0) -> smtplib.SMTP:
-        return smtplib.SMTP(self.host, self.port, local_hostname=helo, timeout=timeout)
+        try:
+            return smtplib.SMTP(self.host, self.port, local_hostname=helo, timeout=timeout)
+        except smtplib.SMTPServerDisconnected as e:
+            # Closed before the greeting: say what the server and its processes were doing.
+            procs = [(p.pid, process_title(p)) for p in self.processes("")]
+            raise AssertionError(f"connection closed before the greeting ({e}); processes "
+                                 f"{procs}\n--- server log:\n{self.stderr()[-4000:]}") from e
 
     def send(self, recipients: list[str], content: bytes,
              sender: str = SENDER, helo: str = CLIENT_HELO) -> str:
