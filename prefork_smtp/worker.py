@@ -147,14 +147,16 @@ class Worker:
         heartbeat = loop.create_task(self._heartbeat())
         log.debug("worker %d serving", self.worker_id)
         await self._stop.wait()
-        # Stop accepting, but keep the servers open until the sessions are done: a
-        # socket accepted in the last wake-up gets its transport in a task that has
-        # not run yet, and a closed server would drop it without a greeting.
+        # Stop accepting, but never close the servers: a socket accepted in the last
+        # wake-up gets its transport in a task that has not run yet, and a closed
+        # server drops it without a greeting (asyncio says so only in debug mode).
+        # Two turns of the loop let those tasks start their sessions, so that
+        # _finish_sessions sees them. The process exit closes the listeners.
         for sock in self.listeners:
             loop.remove_reader(sock.fileno())
+        for _ in range(2):
+            await asyncio.sleep(0)
         await self._finish_sessions()
-        for server in servers:
-            server.close()
         heartbeat.cancel()
         await self.committer.drain()
         self.committer.close()
