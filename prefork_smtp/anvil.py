@@ -80,11 +80,12 @@ class AnvilRegion:
             self.counts.pop(ip, None)
         if self.slot >= MAX_REGIONS:
             return
-        offset, _ = self.anvil._find(self.slot, client_key(ip))
+        key = client_key(ip)
+        offset, _ = self.anvil._find(self.slot, key)
         if offset >= 0:
-            ENTRY.pack_into(self.anvil._map, offset, client_key(ip), max(count, 0))
+            ENTRY.pack_into(self.anvil._map, offset, key, max(count, 0))
         elif count > 0:
-            self._insert(client_key(ip), count)
+            self._insert(key, count)
 
     def _insert(self, key: int, count: int) -> None:
         # Keys are never removed (that would break probe chains); when the table

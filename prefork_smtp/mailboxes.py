@@ -17,7 +17,7 @@ from typing import Mapping
 MAX_MAILBOX_NAME = 250
 # ccsmtp's own files (queue, state) live in SPOOL/.ccsmtp: no mailbox name starts with '.'.
 STATE_DIR = ".ccsmtp"
-_SAFE_NAME = re.compile(r"[a-z0-9_-][a-z0-9._-]{0,249}")
+_SAFE_NAME = re.compile(rf"[a-z0-9_-][a-z0-9._-]{{0,{MAX_MAILBOX_NAME - 1}}}")
 
 
 def is_safe_mailbox(name: str) -> bool:

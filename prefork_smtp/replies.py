@@ -41,7 +41,6 @@ def format_reply(code: int, lines: list[str], enhanced: str | None = None) -> by
 # Greeting, HELO/EHLO replies are built by the protocol (they name the host) and carry
 # no enhanced code (RFC 2034 §3).
 
-OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 RESET_OK = Reply(250, "2.0.0", "Ok")
@@ -67,7 +66,6 @@ BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_HELO = Reply(501, "5.5.4", "Syntax: {} hostname")
 BAD_BYTES = Reply(500, "5.5.2", "Error: bare CR, LF or NUL in command")
-NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 EXPN_DENIED = Reply(502, "5.5.1", "Error: EXPN is not supported")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Error: {}")
 UNKNOWN_USER = Reply(550, "5.1.1", "<{}>: Recipient address rejected: User unknown")

@@ -70,10 +70,6 @@ class Reply:
     def text(self) -> str:
         return " / ".join(line.decode("utf-8", "replace") for line in self.lines)
 
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
 
 # --- the wire ------------------------------------------------------------------------
 

@@ -150,10 +150,6 @@ class SMTPSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    @property
-    def closed(self) -> bool:
-        return self.conn is None or self.transport is None or self.transport.is_closing()
-
     # --- carrying out events ------------------------------------------------------
 
     def _run(self, events: list[Event]) -> None:
