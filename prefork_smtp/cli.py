@@ -26,9 +26,9 @@ from . import config as configuration
 from . import listeners as listening
 from . import logs, privileges, spool
 from .anvil import Anvil
-from .mailboxes import STATE_DIR
+from .layout import SCOREBOARD, state_path
 from .master import Master
-from .scoreboard import FILENAME as SCOREBOARD, Scoreboard
+from .scoreboard import Scoreboard
 
 PROG = "ccsmtp-master"
 log = logging.getLogger("ccsmtp.master")
@@ -107,8 +107,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         _die(1, e)
     if removed:
         log.info("removed %d unfinished queue file(s) left by a crash", removed)
-    state_dir = os.path.join(config.spool_dir, STATE_DIR)
-    scoreboard = Scoreboard(os.path.join(state_dir, SCOREBOARD), create=True)
+    scoreboard = Scoreboard(state_path(config.spool_dir, SCOREBOARD), create=True)
     anvil = Anvil()
 
     def reload() -> configuration.Config:

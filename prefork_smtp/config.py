@@ -16,7 +16,7 @@ import tomllib
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from . import mailboxes
+from .layout import is_safe_mailbox
 
 
 class ConfigError(Exception):
@@ -163,7 +163,7 @@ def _domain(value: Any, key: str) -> str:
 
 def _mailbox(value: Any, key: str) -> str:
     name = _text(value, key).lower()
-    if not mailboxes.is_safe_mailbox(name):
+    if not is_safe_mailbox(name):
         raise ConfigError(f"{key}: {value!r} is not a safe mailbox name "
                           "(letters, digits, '.', '_', '-'; not starting with '.')")
     return name

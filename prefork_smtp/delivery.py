@@ -29,6 +29,7 @@ from setproctitle import setproctitle
 from . import logs, mbox, queue
 from .config import Config
 from .fsutil import lock_ofd
+from .layout import DELIVERY_JOURNAL, DELIVERY_LOCK, state_path
 from .scoreboard import Scoreboard
 
 log = logging.getLogger("ccsmtp.local")
@@ -80,7 +81,7 @@ class Delivery:
         self._reopen_logs = False
         self._needs_repair: set[str] = set()
         self.journal = mbox.AppendJournal(
-            os.path.join(config.spool_dir, queue.STATE_DIR, "delivery.journal"))
+            state_path(config.spool_dir, DELIVERY_JOURNAL))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
 
     # --- process ----------------------------------------------------------------
@@ -116,7 +117,7 @@ class Delivery:
         self._reopen_logs = True
 
     def _take_delivery_lock(self) -> int:
-        path = os.path.join(self.config.spool_dir, queue.STATE_DIR, "delivery.lock")
+        path = state_path(self.config.spool_dir, DELIVERY_LOCK)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         lock_ofd(fd, wait=True)   # a delivery from before a reload may still be finishing
         return fd
@@ -294,7 +295,7 @@ class Delivery:
 
     def _quarantine(self, name: str, error: Exception) -> None:
         paths = queue.queue_paths(self.config.spool_dir)
-        corrupt = os.path.join(os.path.dirname(paths["queue"]), "corrupt")
+        corrupt = state_path(self.config.spool_dir, "corrupt")
         os.makedirs(corrupt, mode=0o700, exist_ok=True)
         os.rename(os.path.join(paths["queue"], name), os.path.join(corrupt, name))
         log.error("queue file %s is corrupt (%s): moved to %s", name, error, corrupt)

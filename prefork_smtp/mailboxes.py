@@ -1,6 +1,6 @@
 """Which mailbox a local recipient lands in, and which names are safe as mailbox files.
 
-Owns: the mailbox naming rule (SPEC §6) and the routing of a recipient address to a
+Owns: the routing of a recipient address to a
 mailbox (local domains, aliases, allow-list, catch-all, postmaster). Pure functions of
 their arguments: no files, no config object. A refusal is a Rejection naming why; the
 SMTP layer turns it into a reply.
@@ -9,20 +9,9 @@ SMTP layer turns it into a reply.
 from __future__ import annotations
 
 import enum
-import re
 from typing import Mapping
 
-# SPEC §6: [a-z0-9._-], never a leading '.', never ending in '.lock', at most 250 octets
-# so that NAME.lock still fits in the 255-octet file name limit.
-MAX_MAILBOX_NAME = 250
-# ccsmtp's own files (queue, state) live in SPOOL/.ccsmtp: no mailbox name starts with '.'.
-STATE_DIR = ".ccsmtp"
-_SAFE_NAME = re.compile(rf"[a-z0-9_-][a-z0-9._-]{{0,{MAX_MAILBOX_NAME - 1}}}")
-
-
-def is_safe_mailbox(name: str) -> bool:
-    return bool(_SAFE_NAME.fullmatch(name)) and not name.endswith(".lock")
-
+from .layout import is_safe_mailbox
 
 def _fold(text: str) -> str:
     lowered = text.lower()

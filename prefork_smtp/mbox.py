@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 from .fsutil import fsync_dir, lock_ofd, unlink_quietly, write_all
 from .envelope import Envelope
-from .mailboxes import STATE_DIR, is_safe_mailbox
+from .layout import STATE_DIR, mailbox_path
 
 # Postfix's stale_lock_time: a dot-lock older than this is left over from a crash.
 STALE_DOTLOCK_S = 500.0
@@ -108,12 +108,6 @@ def delivered_ids(spool_dir: str, mailbox: str) -> set[str]:
                 return {m.group(1).decode() for m in _OUR_COPY.finditer(data)}
     except FileNotFoundError:
         return set()
-
-
-def mailbox_path(spool_dir: str, mailbox: str) -> str:
-    if not is_safe_mailbox(mailbox):
-        raise ValueError(f"unsafe mailbox name {mailbox!r}")
-    return os.path.join(spool_dir, mailbox)
 
 
 class AppendJournal:

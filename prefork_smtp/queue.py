@@ -26,10 +26,9 @@ import threading
 import time
 from typing import Iterator
 
-from .fsutil import fsync_dir, unlink_quietly, write_all
 from .envelope import Envelope, Recipient
-from .mailboxes import STATE_DIR
-
+from .fsutil import fsync_dir, unlink_quietly, write_all
+from .layout import state_path
 
 
 class QueueError(Exception):
@@ -97,13 +96,12 @@ class SpillFile:
 
 
 def queue_paths(spool_dir: str) -> dict[str, str]:
-    base = os.path.join(spool_dir, STATE_DIR)
-    return {name: os.path.join(base, name) for name in ("tmp", "queue", "data", "done")}
+    return {name: state_path(spool_dir, name) for name in ("tmp", "queue", "data", "done")}
 
 
 def make_dirs(spool_dir: str) -> None:
     """Create the queue directories (mode 0700: message content is private)."""
-    os.makedirs(os.path.join(spool_dir, STATE_DIR), mode=0o700, exist_ok=True)
+    os.makedirs(state_path(spool_dir), mode=0o700, exist_ok=True)
     for path in queue_paths(spool_dir).values():
         os.makedirs(path, mode=0o700, exist_ok=True)
 

@@ -19,7 +19,6 @@ from .fsutil import write_all
 
 SLOT = struct.Struct("=qqqddqqq")   # 64 bytes a slot
 MAX_SLOTS = 1100                     # 1024 workers, old generations during a reload, delivery
-FILENAME = "scoreboard"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

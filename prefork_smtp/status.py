@@ -18,8 +18,8 @@ from typing import Any, NoReturn, Sequence
 import psutil
 
 from .delivery import DELIVERY_SLOT_ID
-from .mailboxes import STATE_DIR
-from .scoreboard import FILENAME, Scoreboard, SlotInfo
+from .layout import SCOREBOARD, state_path
+from .scoreboard import Scoreboard, SlotInfo
 
 PROG = "ccsmtp-status"
 CPU_SAMPLE_S = 0.2
@@ -31,7 +31,7 @@ def _die(message: str) -> NoReturn:
 
 
 def collect(spool_dir: str, pidfile: str | None = None) -> list[dict[str, Any]]:
-    path = os.path.join(spool_dir, STATE_DIR, FILENAME)
+    path = state_path(spool_dir, SCOREBOARD)
     try:
         board = Scoreboard(path)
     except FileNotFoundError:
