@@ -29,6 +29,7 @@ from .anvil import Anvil
 from .layout import SCOREBOARD, state_path
 from .master import Master
 from .scoreboard import Scoreboard
+from .services import SERVICES
 
 PROG = "ccsmtp-master"
 log = logging.getLogger("ccsmtp.master")
@@ -85,7 +86,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     identity = _identity(config)
     try:
-        sockets = listening.bind_all(config.listen)
+        listeners = listening.bind_all(config.listen)
     except listening.ListenError as e:
         _die(1, e)
     privileges.raise_open_files_limit()
@@ -114,7 +115,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return configuration.build(cli_values, args.config)
 
     try:
-        return Master(config, sockets, scoreboard, anvil, reload).run()
+        return Master(config, listeners, SERVICES, scoreboard, anvil, reload).run()
     finally:
         _remove_pidfile(config.pidfile)
 

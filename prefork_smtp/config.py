@@ -23,10 +23,15 @@ class ConfigError(Exception):
     """A bad setting; str() is one line naming the key."""
 
 
+# The protocols a listener can speak; sessions are counted per family.
+SERVICE_FAMILIES = ("smtp",)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListenAddress:
     host: str
     port: int
+    service: str = "smtp"
 
     @property
     def family(self) -> int:

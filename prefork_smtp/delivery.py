@@ -38,7 +38,6 @@ ROUND_BYTES = 8 * 1024 * 1024      # at most this much message content in memory
 RESCAN_S = 1.0                     # look at the queue at least this often
 BUSY_RETRY_S = 1.0                 # a reader holds the mailbox lock
 ERROR_RETRY_S = 10.0               # disk full, permissions: someone has to act
-DELIVERY_SLOT_ID = -1
 
 
 @dataclasses.dataclass
@@ -164,7 +163,7 @@ class Delivery:
     def _beat(self) -> None:
         setproctitle(f"ccsmtp: delivery [{self.delivered} msgs delivered]")
         if self.scoreboard is not None:
-            self.scoreboard.beat(self.slot, 0, self.delivered)
+            self.scoreboard.beat(self.slot, self.delivered)
 
     # --- recovery -----------------------------------------------------------------
 

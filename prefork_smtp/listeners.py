@@ -8,6 +8,7 @@ into one-line messages that say what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import socket
 
@@ -18,6 +19,12 @@ LISTEN_BACKLOG = 4096
 
 class ListenError(Exception):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Listener:
+    sock: socket.socket
+    address: ListenAddress
 
 
 def bind(address: ListenAddress) -> socket.socket:
@@ -46,13 +53,13 @@ def _explain(address: ListenAddress, error: OSError) -> str:
     return f"cannot listen on {address}: {error.strerror}"
 
 
-def bind_all(addresses: tuple[ListenAddress, ...]) -> list[socket.socket]:
-    sockets: list[socket.socket] = []
+def bind_all(addresses: tuple[ListenAddress, ...]) -> list[Listener]:
+    listeners: list[Listener] = []
     try:
         for address in addresses:
-            sockets.append(bind(address))
+            listeners.append(Listener(bind(address), address))
     except ListenError:
-        for sock in sockets:
-            sock.close()
+        for listener in listeners:
+            listener.sock.close()
         raise
-    return sockets
+    return listeners

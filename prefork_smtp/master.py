@@ -19,7 +19,7 @@ import select
 import signal
 import socket
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 from setproctitle import setproctitle
 
@@ -27,8 +27,10 @@ from . import config as configuration
 from . import logs
 from .config import Config
 from .anvil import Anvil
-from .delivery import DELIVERY_SLOT_ID, Delivery
-from .scoreboard import Scoreboard
+from .delivery import Delivery
+from .listeners import Listener
+from .scoreboard import DELIVERY, WORKER, Scoreboard
+from .service import Service
 from .worker import WORKER_BOOT_ERROR, Worker
 
 log = logging.getLogger("ccsmtp.master")
@@ -49,18 +51,24 @@ class MasterError(Exception):
 class Child:
     pid: int
     slot: int
-    worker_id: int          # DELIVERY_SLOT_ID for the delivery process
+    kind: int               # scoreboard.WORKER or scoreboard.DELIVERY
+    worker_id: int          # the worker's number (0 for delivery)
     generation: int
     started: float          # time.monotonic()
     retiring: bool = False
     killed: bool = False    # we sent SIGKILL (hung), so its death is not a start-up failure
 
+    @property
+    def role(self) -> str:
+        return f"worker {self.worker_id}" if self.kind == WORKER else "delivery"
+
 
 class Master:
-    def __init__(self, config: Config, listeners: list[socket.socket], scoreboard: Scoreboard,
-                 anvil: Anvil, reload_config: Callable[[], Config]):
+    def __init__(self, config: Config, listeners: list[Listener], services: Mapping[str, Service],
+                 scoreboard: Scoreboard, anvil: Anvil, reload_config: Callable[[], Config]):
         self.config = config
         self.listeners = listeners
+        self.services = services
         self.scoreboard = scoreboard
         self.anvil = anvil
         self.reload_config = reload_config
@@ -163,7 +171,7 @@ class Master:
     # --- children -----------------------------------------------------------------------
 
     def workers(self, current_only: bool = True) -> list[Child]:
-        return [c for c in self.children.values() if c.worker_id != DELIVERY_SLOT_ID
+        return [c for c in self.children.values() if c.kind == WORKER
                 and not (current_only and (c.retiring or c.generation != self.generation))]
 
     def manage_workers(self) -> None:
@@ -179,25 +187,26 @@ class Master:
         self._set_title()
 
     def manage_delivery(self) -> None:
-        alive = [c for c in self.children.values() if c.worker_id == DELIVERY_SLOT_ID
+        alive = [c for c in self.children.values() if c.kind == DELIVERY
                  and not c.retiring and c.generation == self.generation]
         if not alive and time.monotonic() >= self.next_spawn_at:
             self.spawn_delivery()
 
     def spawn_worker(self, worker_id: int) -> None:
         def body(slot: int) -> int:
-            return Worker(worker_id, slot, self.config, self.listeners, self.scoreboard,
-                          self.anvil, self.notify_send, self.status_send, self.pid).run()
-        self._fork(worker_id, body)
+            return Worker(worker_id, slot, self.config, self.listeners, self.services,
+                          self.scoreboard, self.anvil, self.notify_send, self.status_send,
+                          self.pid).run()
+        self._fork(WORKER, worker_id, body)
 
     def spawn_delivery(self) -> None:
         def body(slot: int) -> int:
-            for sock in self.listeners:
-                sock.close()   # delivery never accepts connections
+            for listener in self.listeners:
+                listener.sock.close()   # delivery never accepts connections
             return Delivery(self.config, self.notify_recv, self.scoreboard, slot, self.pid).run()
-        self._fork(DELIVERY_SLOT_ID, body)
+        self._fork(DELIVERY, 0, body)
 
-    def _fork(self, worker_id: int, body: Callable[[int], int]) -> None:
+    def _fork(self, kind: int, worker_id: int, body: Callable[[int], int]) -> None:
         slot = self.scoreboard.free_slot({c.slot for c in self.children.values()})
         pid = os.fork()
         if pid == 0:
@@ -210,10 +219,10 @@ class Master:
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.scoreboard.claim(slot, pid, worker_id, self.generation)
-        self.children[pid] = Child(pid, slot, worker_id, self.generation, time.monotonic())
-        what = "delivery" if worker_id == DELIVERY_SLOT_ID else f"worker {worker_id}"
-        log.debug("started %s, pid %d", what, pid)
+        self.scoreboard.claim(slot, pid, kind, worker_id, self.generation)
+        child = Child(pid, slot, kind, worker_id, self.generation, time.monotonic())
+        self.children[pid] = child
+        log.debug("started %s, pid %d", child.role, pid)
 
     def _leave_master_behind(self) -> None:
         """In a new child: drop the master's signal handling and its wake-up pipe."""
@@ -241,7 +250,7 @@ class Master:
             self._after_death(child, status, served)
 
     def _after_death(self, child: Child, status: int, served: int = 0) -> None:
-        what = "delivery" if child.worker_id == DELIVERY_SLOT_ID else f"worker {child.worker_id}"
+        what = child.role
         code = os.waitstatus_to_exitcode(status)
         if code == WORKER_BOOT_ERROR:
             raise MasterError(f"{what} could not start (exit {code}); see the log above")
@@ -279,7 +288,7 @@ class Master:
 
     def _retire(self, child: Child) -> None:
         child.retiring = True
-        self._kill(child.pid, signal.SIGUSR2 if child.worker_id != DELIVERY_SLOT_ID else signal.SIGTERM)
+        self._kill(child.pid, signal.SIGUSR2 if child.kind == WORKER else signal.SIGTERM)
 
     @staticmethod
     def _kill(pid: int, sig: int) -> None:
@@ -325,12 +334,12 @@ class Master:
         log.info("%s stop: stopping %d worker(s)", "fast" if fast else "graceful",
                  len(self.workers(current_only=False)))
         setproctitle(f"ccsmtp: master [{'fast' if fast else 'graceful'} stop]")
-        for sock in self.listeners:
-            sock.close()
+        for listener in self.listeners:
+            listener.sock.close()
         worker_signal = signal.SIGQUIT if fast else signal.SIGTERM
         for child in self.workers(current_only=False):
             self._kill(child.pid, worker_signal)
-        self._wait_for(lambda c: c.worker_id != DELIVERY_SLOT_ID, self.config.graceful_timeout_s)
+        self._wait_for(lambda c: c.kind == WORKER, self.config.graceful_timeout_s)
         # Only now stop delivery: every message the workers acknowledged is queued.
         delivery_signal = signal.SIGQUIT if fast else signal.SIGTERM
         for child in list(self.children.values()):

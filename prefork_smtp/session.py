@@ -24,6 +24,7 @@ from .mailboxes import Router
 from .protocol import (CloseConnection, Event, MessageAborted, MessageChunk, SendReply,
                        SMTPConnection, StoreMessage)
 from .queue import QueueError, SpillFile
+from .service import SessionHooks
 from .tcp import stream_transport
 
 # Messages larger than this go to a file as they arrive instead of staying in memory.
@@ -37,34 +38,9 @@ CLOSE_LINGER_S = 1.0
 log = logging.getLogger("ccsmtp.smtpd")
 
 
-class SessionHooks:
-    """What a session tells its worker: counters and its own end."""
-
-    def __init__(self) -> None:
-        self.sessions: set["SMTPSession"] = set()
-        self.messages = 0
-
-    def opened(self, session: "SMTPSession") -> None:
-        self.sessions.add(session)
-
-    def closed(self, session: "SMTPSession") -> None:
-        self.sessions.discard(session)
-
-    def message_queued(self) -> None:
-        self.messages += 1
-
-    def admit(self, client_ip: str) -> bool:
-        """Count a new connection from client_ip; False if it is one too many."""
-        return True
-
-    def release(self, client_ip: str) -> None:
-        """A connection counted by admit() has ended."""
-
-    def broken(self, why: str) -> None:
-        """This process can no longer serve well (out of memory): let it be replaced."""
-
-
 class SMTPSession(asyncio.Protocol):
+    family = "smtp"
+
     def __init__(self, config: Config, router: Router, committer: GroupCommitter,
                  hooks: SessionHooks):
         self.config = config

@@ -17,7 +17,6 @@ from typing import Any, NoReturn, Sequence
 
 import psutil
 
-from .delivery import DELIVERY_SLOT_ID
 from .layout import SCOREBOARD, state_path
 from .scoreboard import Scoreboard, SlotInfo
 
@@ -44,9 +43,8 @@ def collect(spool_dir: str, pidfile: str | None = None) -> list[dict[str, Any]]:
     rows: list[tuple[psutil.Process, dict[str, Any]]] = []
     if master_pid:
         rows.append(_row(master_pid, "master", None))
-    for info in sorted(slots, key=lambda s: (s.worker_id == DELIVERY_SLOT_ID, s.worker_id, s.pid)):
-        role = "delivery" if info.worker_id == DELIVERY_SLOT_ID else f"worker {info.worker_id}"
-        rows.append(_row(info.pid, role, info))
+    for info in sorted(slots, key=lambda s: (s.kind, s.worker_id, s.pid)):
+        rows.append(_row(info.pid, info.role, info))
     live = [(proc, row) for proc, row in rows if proc is not None]
     for proc, _ in live:
         proc.cpu_percent(None)
@@ -77,7 +75,7 @@ def _master_pid(pidfile: str | None, slots: list[SlotInfo]) -> int | None:
 def _row(pid: int, role: str, info: SlotInfo | None) -> tuple[Any, dict[str, Any]]:
     row: dict[str, Any] = {"role": role, "pid": pid}
     if info is not None:
-        row.update(sessions=info.sessions, messages=info.messages)
+        row.update(sessions=info.total_sessions, messages=info.messages)
     try:
         proc = psutil.Process(pid)
         with proc.oneshot():

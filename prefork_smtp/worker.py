@@ -1,7 +1,8 @@
-"""A worker process: accepts from the shared listeners and runs many SMTP sessions.
+"""A worker process: accepts from the shared listeners and runs many sessions.
 
-Owns: the event loop of one worker, its listeners' accept side, the group
-committer, the heartbeat and process title, and stopping (graceful on TERM: stop
+Owns: the event loop of one worker, its listeners' accept side, starting the
+service of each listener (it knows no protocol: services.py hands it a Service per
+listener), the heartbeat and process title, and stopping (graceful on TERM: stop
 accepting, 421 to idle sessions, let open transactions finish within
 graceful_timeout; fast on QUIT), retiring after max_sessions_per_worker or over
 max_worker_rss, and exiting when the master is gone.
@@ -14,24 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import random
 import signal
 import socket
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import psutil
 from setproctitle import setproctitle
 
 from . import logs
 from .anvil import Anvil, AnvilRegion
-from .committer import GroupCommitter
-from .config import Config
-from .mailboxes import Router
+from .config import SERVICE_FAMILIES, Config, ListenAddress
+from .listeners import Listener
 from .scoreboard import Scoreboard
-from .session import SessionHooks, SMTPSession
+from .service import RunningService, Service, SessionHooks, WorkerContext
 
 log = logging.getLogger("ccsmtp.worker")
 
@@ -58,7 +59,7 @@ class WorkerHooks(SessionHooks):
         self.region = region
         self.scoreboard = scoreboard
         self.live_slots: list[int] = []
-        self.on_broken: Callable[[str], None] | None = None
+        self.on_broken: Callable[[object], None] | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -77,29 +78,31 @@ class WorkerHooks(SessionHooks):
         if self.limit:
             self.region.add(client_ip, -1)
 
-    def broken(self, why: str) -> None:
+    def broken(self, why: object) -> None:
         if self.on_broken is not None:
             self.on_broken(why)
 
-
-def router_for(config: Config) -> Router:
-    return Router(config.domains, recipients=config.recipients, aliases=config.aliases,
-                  catchall=config.catchall)
+    def sessions_per_family(self) -> tuple[int, ...]:
+        counts = dict.fromkeys(SERVICE_FAMILIES, 0)
+        for session in self.sessions:
+            counts[session.family] += 1
+        return tuple(counts.values())
 
 
 class Worker:
     def __init__(self, worker_id: int, slot: int, config: Config,
-                 listeners: list[socket.socket], scoreboard: Scoreboard, anvil: Anvil,
-                 notify: socket.socket | None, status: socket.socket | None, master_pid: int):
+                 listeners: list[Listener], services: Mapping[str, Service],
+                 scoreboard: Scoreboard, anvil: Anvil, notify: socket.socket | None,
+                 status: socket.socket | None, master_pid: int):
         self.worker_id = worker_id
         self.slot = slot
         self.config = config
         self.listeners = listeners
+        self.services = services
+        self.notify = notify
         self.scoreboard = scoreboard
         self.master_pid = master_pid
         self.status = status
-        self.router = router_for(config)
-        self.committer = GroupCommitter(config.spool_dir, notify, self._broke)
         self.hooks = WorkerHooks(config.max_connections_per_client, AnvilRegion(anvil, slot),
                                  scoreboard)
         self.hooks.on_broken = self._broke
@@ -139,11 +142,17 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self.stop, FAST)
         loop.add_signal_handler(signal.SIGUSR2, self.stop, RETIRE)
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
-        servers = []
-        for sock in self.listeners:
-            servers.append(await loop.create_server(self._new_session, sock=sock,
-                                                    backlog=ACCEPT_BATCH))
-            sock.listen(LISTEN_BACKLOG)   # create_server shrank the kernel's queue to the batch
+        context = WorkerContext(self.worker_id, self.config, self.hooks, self.notify)
+        running: dict[str, RunningService] = {}
+        for listener in self.listeners:
+            service = self.services[listener.address.service]
+            if service.family not in running:
+                running[service.family] = service.start(context)
+            factory = functools.partial(self._new_session, running[service.family],
+                                        listener.address)
+            await loop.create_server(factory, sock=listener.sock, backlog=ACCEPT_BATCH)
+            # create_server shrank the kernel's queue to the batch
+            listener.sock.listen(LISTEN_BACKLOG)
         heartbeat = loop.create_task(self._heartbeat())
         log.debug("worker %d serving", self.worker_id)
         await self._stop.wait()
@@ -152,14 +161,14 @@ class Worker:
         # server drops it without a greeting (asyncio says so only in debug mode).
         # Two turns of the loop let those tasks start their sessions, so that
         # _finish_sessions sees them. The process exit closes the listeners.
-        for sock in self.listeners:
-            loop.remove_reader(sock.fileno())
+        for listener in self.listeners:
+            loop.remove_reader(listener.sock.fileno())
         for _ in range(2):
             await asyncio.sleep(0)
         await self._finish_sessions()
         heartbeat.cancel()
-        await self.committer.drain()
-        self.committer.close()
+        for service in running.values():
+            await service.close()
 
     def _broke(self, why: object) -> None:
         log.error("worker %d is short of resources (%s): retiring it", self.worker_id, why)
@@ -178,17 +187,17 @@ class Worker:
             log.error("%s", message, exc_info=error)
 
     def _beat(self) -> None:
-        self.scoreboard.beat(self.slot, len(self.hooks.sessions), self.hooks.messages,
-                             self.sessions_served)
+        self.scoreboard.beat(self.slot, self.hooks.messages, self.sessions_served,
+                             self.hooks.sessions_per_family())
 
-    def _new_session(self) -> SMTPSession:
+    def _new_session(self, service: RunningService, listener: ListenAddress) -> asyncio.Protocol:
         self.sessions_served += 1
         if self.sessions_served == 1:
             self._beat()   # from now on a death is not a start-up failure
         if self.max_sessions and self.sessions_served >= self.max_sessions:
             log.info("worker %d retiring after %d sessions", self.worker_id, self.sessions_served)
             self.stop(RETIRE)
-        return SMTPSession(self.config, self.router, self.committer, self.hooks)
+        return service.new_session(listener)
 
     def stop(self, mode: str) -> None:
         # A later, harder request wins: retire < graceful < fast.

@@ -18,6 +18,7 @@ import pytest
 from conftest import DOMAIN, REPO, make_message, recv_reply
 from prefork_smtp import master as master_module
 from prefork_smtp.master import Child, Master, MasterError
+from prefork_smtp.scoreboard import WORKER
 
 STATUS = REPO / "bin" / "ccsmtp-status"
 
@@ -141,14 +142,14 @@ def test_children_that_die_at_start_up_are_throttled_then_the_master_gives_up():
     delays = []
     with pytest.raises(MasterError, match="died at start-up"):
         for pid in range(1, 100):
-            master._after_death(Child(pid, 0, 1, 0, now), 256)   # exit status 1 at once
+            master._after_death(Child(pid, 0, WORKER, 1, 0, now), 256)   # exit status 1 at once
             delays.append(master.next_spawn_at - time.monotonic())
     assert len(delays) == master_module.MAX_QUICK_DEATHS - 1
     nominal = [round(d, 1) for d in delays]
     assert nominal == sorted(nominal) and delays[-1] > 1.0   # backing off, not fork-looping
     # A worker that lived a while resets the count.
     master.quick_deaths = 5
-    master._after_death(Child(1000, 0, 1, 0, now - 60), 9)
+    master._after_death(Child(1000, 0, WORKER, 1, 0, now - 60), 9)
     assert master.quick_deaths == 0
 
 

@@ -1,0 +1,14 @@
+"""The table of services a listener can carry (SPEC §2: -l [SERVICE://]ADDR:PORT).
+
+Adding a protocol touches its own package and this table; the worker and the
+master know none of them.
+"""
+
+from __future__ import annotations
+
+from .service import Service
+from .smtp_service import SMTPService
+
+SERVICES: dict[str, Service] = {
+    "smtp": Service("smtp", "smtp", SMTPService),
+}

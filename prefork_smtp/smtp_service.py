@@ -1,0 +1,31 @@
+"""The SMTP service as a worker runs it: one group committer and one router per
+worker, shared by the sessions of every SMTP listener."""
+
+from __future__ import annotations
+
+from .committer import GroupCommitter
+from .config import Config, ListenAddress
+from .mailboxes import Router
+from .service import WorkerContext
+from .session import SMTPSession
+
+
+def router_for(config: Config) -> Router:
+    return Router(config.domains, recipients=config.recipients, aliases=config.aliases,
+                  catchall=config.catchall)
+
+
+class SMTPService:
+    def __init__(self, context: WorkerContext):
+        self.config = context.config
+        self.hooks = context.hooks
+        self.router = router_for(context.config)
+        self.committer = GroupCommitter(context.config.spool_dir, context.notify_delivery,
+                                        context.hooks.broken)
+
+    def new_session(self, listener: ListenAddress) -> SMTPSession:
+        return SMTPSession(self.config, self.router, self.committer, self.hooks)
+
+    async def close(self) -> None:
+        await self.committer.drain()
+        self.committer.close()
