@@ -23,13 +23,15 @@ import encodings.idna  # noqa: F401
 import json  # noqa: F401
 
 from . import config as configuration
-from . import listeners as listening
-from . import logs, privileges, spool
-from .anvil import Anvil
+from . import logs
 from .layout import SCOREBOARD, state_path
-from .master import Master
-from .scoreboard import Scoreboard
+from .process import listeners as listening
+from .process import privileges
+from .process.anvil import Anvil
+from .process.master import Master
+from .process.scoreboard import Scoreboard
 from .services import SERVICES
+from .store import spool
 
 PROG = "ccsmtp-master"
 log = logging.getLogger("ccsmtp.master")

@@ -7,7 +7,7 @@ master know none of them.
 from __future__ import annotations
 
 from .service import Service
-from .smtp_service import SMTPService
+from .smtp.service import SMTPService
 
 SERVICES: dict[str, Service] = {
     "smtp": Service("smtp", "smtp", SMTPService),

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefork_smtp.addresses import (NULL_PATH, Address, AddressError, NeedsSMTPUTF8,
+from prefork_smtp.smtp.addresses import (NULL_PATH, Address, AddressError, NeedsSMTPUTF8,
                                     parse_params, parse_path, split_path_and_params)
 
 

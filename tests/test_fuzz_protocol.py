@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prefork_smtp import config
-from prefork_smtp import protocol as P
-from prefork_smtp import replies as R
-from prefork_smtp.mailboxes import Router
+from prefork_smtp.smtp import protocol as P
+from prefork_smtp.smtp import replies as R
+from prefork_smtp.store.mailboxes import Router
 
 HOST = "mx.example.org"
 FUZZ = settings(max_examples=300, deadline=None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from prefork_smtp.layout import is_safe_mailbox
-from prefork_smtp.mailboxes import Rejection, Router
+from prefork_smtp.store.mailboxes import Rejection, Router
 
 NOT_LOCAL, UNKNOWN = Rejection.NOT_LOCAL, Rejection.UNKNOWN_USER
 

@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from conftest import DOMAIN, REPO, make_message, recv_reply
-from prefork_smtp import master as master_module
-from prefork_smtp.master import Child, Master, MasterError
-from prefork_smtp.scoreboard import WORKER
+from prefork_smtp.process import master as master_module
+from prefork_smtp.process.master import Child, Master, MasterError
+from prefork_smtp.process.scoreboard import WORKER
 
 STATUS = REPO / "bin" / "ccsmtp-status"
 

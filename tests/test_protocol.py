@@ -1,4 +1,4 @@
-"""Unit tests for the sans-IO SMTP state machine (prefork_smtp.protocol), SPEC §5.
+"""Unit tests for the sans-IO SMTP state machine (prefork_smtp.smtp.protocol), SPEC §5.
 
 No sockets: a small Client feeds each script to SMTPConnection either whole or one byte
 at a time (every case runs in both modes, as h11's tests do, and again with DATA streamed
@@ -17,9 +17,9 @@ import re
 import pytest
 
 from prefork_smtp import config
-from prefork_smtp import protocol as P
-from prefork_smtp import replies as R
-from prefork_smtp.mailboxes import Router
+from prefork_smtp.smtp import protocol as P
+from prefork_smtp.smtp import replies as R
+from prefork_smtp.store.mailboxes import Router
 
 HOST = "mx.example.org"
 LOCAL = "example.org"

@@ -1,4 +1,4 @@
-"""Tests for ccsmtp-send (prefork_smtp/send.py), the client and load generator.
+"""Tests for ccsmtp-send (prefork_smtp/tools/send.py), the client and load generator.
 
 Most tests run the client's main() in-process against Sink, a small asyncio SMTP
 server on a loopback port in a background thread that records what arrived and
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from prefork_smtp import send
+from prefork_smtp.tools import send
 
 REPO = Path(__file__).resolve().parent.parent
 SEND = REPO / "bin" / "ccsmtp-send"

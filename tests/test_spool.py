@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from prefork_smtp import config, delivery, mbox, queue
-from prefork_smtp.envelope import Envelope, Recipient
+from prefork_smtp import config
+from prefork_smtp.store import delivery, mbox, queue
+from prefork_smtp.store.envelope import Envelope, Recipient
 
 ENVELOPE = Envelope(
     mail_from="sender@example.net",

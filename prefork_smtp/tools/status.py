@@ -17,8 +17,8 @@ from typing import Any, NoReturn, Sequence
 
 import psutil
 
-from .layout import SCOREBOARD, state_path
-from .scoreboard import Scoreboard, SlotInfo
+from ..layout import SCOREBOARD, state_path
+from ..process.scoreboard import Scoreboard, SlotInfo
 
 PROG = "ccsmtp-status"
 CPU_SAMPLE_S = 0.2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Mapping
 
-from .layout import is_safe_mailbox
+from ..layout import is_safe_mailbox
 
 def _fold(text: str) -> str:
     lowered = text.lower()

@@ -17,15 +17,15 @@ import logging
 import time
 from typing import Callable
 
+from ..config import Config
+from ..net.tcp import stream_transport
+from ..service import SessionHooks
+from ..store.committer import GroupCommitter
+from ..store.mailboxes import Router
+from ..store.queue import QueueError, SpillFile
 from . import replies as R
-from .committer import GroupCommitter
-from .config import Config
-from .mailboxes import Router
 from .protocol import (CloseConnection, Event, MessageAborted, MessageChunk, SendReply,
                        SMTPConnection, StoreMessage)
-from .queue import QueueError, SpillFile
-from .service import SessionHooks
-from .tcp import stream_transport
 
 # Messages larger than this go to a file as they arrive instead of staying in memory.
 SPILL_BYTES = 1 << 20

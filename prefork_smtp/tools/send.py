@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .tcp import stream_transport
+from ..net.tcp import stream_transport
 
 PROG = "ccsmtp-send"
 DEFAULT_PORT = 25

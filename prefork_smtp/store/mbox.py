@@ -20,9 +20,9 @@ import stat
 import time
 from typing import Iterable, Iterator
 
-from .fsutil import fsync_dir, lock_ofd, unlink_quietly, write_all
+from ..layout import STATE_DIR, mailbox_path
 from .envelope import Envelope
-from .layout import STATE_DIR, mailbox_path
+from .fsutil import fsync_dir, lock_ofd, unlink_quietly, write_all
 
 # Postfix's stale_lock_time: a dot-lock older than this is left over from a crash.
 STALE_DOTLOCK_S = 500.0

@@ -26,9 +26,9 @@ import threading
 import time
 from typing import Iterator
 
+from ..layout import state_path
 from .envelope import Envelope, Recipient
 from .fsutil import fsync_dir, unlink_quietly, write_all
-from .layout import state_path
 
 
 class QueueError(Exception):

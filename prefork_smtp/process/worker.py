@@ -27,12 +27,12 @@ from typing import Callable, Mapping
 import psutil
 from setproctitle import setproctitle
 
-from . import logs
+from .. import logs
+from ..config import SERVICE_FAMILIES, Config, ListenAddress
+from ..service import RunningService, Service, SessionHooks, WorkerContext
 from .anvil import Anvil, AnvilRegion
-from .config import SERVICE_FAMILIES, Config, ListenAddress
 from .listeners import Listener
 from .scoreboard import Scoreboard
-from .service import RunningService, Service, SessionHooks, WorkerContext
 
 log = logging.getLogger("ccsmtp.worker")
 

@@ -22,15 +22,15 @@ import select
 import signal
 import socket
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from setproctitle import setproctitle
 
-from . import logs, mbox, queue
-from .config import Config
+from .. import logs
+from ..config import Config
+from ..layout import DELIVERY_JOURNAL, DELIVERY_LOCK, state_path
+from . import mbox, queue
 from .fsutil import lock_ofd
-from .layout import DELIVERY_JOURNAL, DELIVERY_LOCK, state_path
-from .scoreboard import Scoreboard
 
 log = logging.getLogger("ccsmtp.local")
 
@@ -67,11 +67,10 @@ class Batch:
 
 class Delivery:
     def __init__(self, config: Config, notify: socket.socket | None,
-                 scoreboard: Scoreboard | None = None, slot: int = 0, master_pid: int = 0):
+                 heartbeat: Callable[[int], None] | None = None, master_pid: int = 0):
         self.config = config
         self.notify = notify
-        self.scoreboard = scoreboard
-        self.slot = slot
+        self.heartbeat = heartbeat   # posts how many copies were delivered, once a round
         self.master_pid = master_pid
         self.delivered = 0
         self.retry_at: dict[str, float] = {}
@@ -162,8 +161,8 @@ class Delivery:
 
     def _beat(self) -> None:
         setproctitle(f"ccsmtp: delivery [{self.delivered} msgs delivered]")
-        if self.scoreboard is not None:
-            self.scoreboard.beat(self.slot, self.delivered)
+        if self.heartbeat is not None:
+            self.heartbeat(self.delivered)
 
     # --- recovery -----------------------------------------------------------------
 

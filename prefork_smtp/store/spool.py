@@ -10,15 +10,19 @@ from __future__ import annotations
 import os
 import pwd
 
+from typing import TYPE_CHECKING
+
 from . import queue
-from .privileges import Identity
+
+if TYPE_CHECKING:   # a type only: the store does not depend on the process side
+    from ..process.privileges import Identity
 
 
 class SpoolError(Exception):
     pass
 
 
-def prepare(spool_dir: str, identity: Identity | None) -> None:
+def prepare(spool_dir: str, identity: "Identity | None") -> None:
     """Create SPOOL if needed; as root, give it to the user. Before dropping root."""
     try:
         if not os.path.exists(spool_dir):

@@ -12,7 +12,7 @@ import dataclasses
 import errno
 import socket
 
-from .config import ListenAddress
+from ..config import ListenAddress
 
 LISTEN_BACKLOG = 4096
 

@@ -13,6 +13,7 @@ Runs unprivileged: root was dropped before the master was made.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import select
@@ -23,14 +24,14 @@ from typing import Callable, Mapping
 
 from setproctitle import setproctitle
 
-from . import config as configuration
-from . import logs
-from .config import Config
+from .. import config as configuration
+from .. import logs
+from ..config import Config
+from ..service import Service
+from ..store.delivery import Delivery
 from .anvil import Anvil
-from .delivery import Delivery
 from .listeners import Listener
 from .scoreboard import DELIVERY, WORKER, Scoreboard
-from .service import Service
 from .worker import WORKER_BOOT_ERROR, Worker
 
 log = logging.getLogger("ccsmtp.master")
@@ -203,7 +204,8 @@ class Master:
         def body(slot: int) -> int:
             for listener in self.listeners:
                 listener.sock.close()   # delivery never accepts connections
-            return Delivery(self.config, self.notify_recv, self.scoreboard, slot, self.pid).run()
+            heartbeat = functools.partial(self.scoreboard.beat, slot)
+            return Delivery(self.config, self.notify_recv, heartbeat, self.pid).run()
         self._fork(DELIVERY, 0, body)
 
     def _fork(self, kind: int, worker_id: int, body: Callable[[int], int]) -> None:

@@ -3,10 +3,10 @@ worker, shared by the sessions of every SMTP listener."""
 
 from __future__ import annotations
 
-from .committer import GroupCommitter
-from .config import Config, ListenAddress
-from .mailboxes import Router
-from .service import WorkerContext
+from ..config import Config, ListenAddress
+from ..service import WorkerContext
+from ..store.committer import GroupCommitter
+from ..store.mailboxes import Router
 from .session import SMTPSession
 
 

@@ -17,13 +17,13 @@ import dataclasses
 import enum
 from typing import Callable, Union
 
+from ..config import Config
+from ..store.envelope import Envelope, Recipient
+from ..store.mailboxes import Rejection, Router
 from . import replies as R
 from .addresses import (NULL_PATH, Address, AddressError, NeedsSMTPUTF8, parse_params,
                         parse_path, split_path_and_params)
-from .config import Config
 from .data_framing import DataFramer
-from .envelope import Envelope, Recipient
-from .mailboxes import Rejection, Router
 
 # RFC 5321 §4.5.3.1.4: 512 octets per command line including CRLF; §4.5.3.1.5 lets
 # extensions add to it. SIZE, BODY and SMTPUTF8 together need well under 512 more.

@@ -15,7 +15,7 @@ import os
 import struct
 import time
 
-from .fsutil import write_all
+from ..store.fsutil import write_all
 
 MAX_SERVICES = 4                     # session counters a slot has, one per service family
 SLOT = struct.Struct(f"=qiiqddqq{MAX_SERVICES}i")   # 80 bytes a slot
