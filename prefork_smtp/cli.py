@@ -81,6 +81,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         config = configuration.build(cli_values, args.config)
     except configuration.ConfigError as e:
         _die(2, e)
+    missing = [address for address in config.listen if address.service not in SERVICES]
+    if missing:
+        _die(2, f"listen: {missing[0]}: the {missing[0].service} service is not available "
+                f"(available: {', '.join(SERVICES)})")
     try:
         logs.setup(config.log_level, config.log_file)
     except OSError as e:

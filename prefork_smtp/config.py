@@ -9,6 +9,7 @@ one line naming the key and what is wrong with it.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -23,22 +24,55 @@ class ConfigError(Exception):
     """A bad setting; str() is one line naming the key."""
 
 
-# The protocols a listener can speak; sessions are counted per family.
-SERVICE_FAMILIES = ("smtp",)
+# The protocols a listener can speak (sessions are counted per family), and the
+# services of SPEC §2: each family plainly (offering STARTTLS/STLS) or with implicit
+# TLS (the name with an "s": RFC 8314).
+SERVICE_FAMILIES = ("smtp", "pop3", "imap")
+SERVICES = ("smtp", "smtps", "pop3", "pop3s", "imap", "imaps")
+DEFAULT_SERVICE = "smtp"
+
+
+def implicit_tls(service: str) -> bool:
+    return service.endswith("s")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListenAddress:
     host: str
     port: int
-    service: str = "smtp"
+    service: str = DEFAULT_SERVICE
 
     @property
     def family(self) -> int:
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
+    @property
+    def implicit_tls(self) -> bool:
+        return implicit_tls(self.service)
+
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return address if self.service == DEFAULT_SERVICE else f"{self.service}://{address}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeliveryTarget:
+    """Where delivery puts mail (SPEC §11): the mbox files, or an LMTP server."""
+    kind: str                  # "mbox" or "lmtp"
+    host: str | None = None    # lmtp over TCP
+    port: int | None = None
+    path: str | None = None    # lmtp over a unix socket
+
+    def __str__(self) -> str:
+        if self.kind == "mbox":
+            return "mbox"
+        if self.path:
+            return f"lmtp:unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"lmtp:{host}:{self.port}"
+
+
+MBOX_DELIVERY = DeliveryTarget("mbox")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,14 +100,49 @@ class Config:
     aliases: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     catchall: str | None = None
     spool_mode: int = 0o600
+    spool_group: str | None = None         # group of mailbox files, for local readers
+    tls_cert: str | None = None            # PEM: certificate, then intermediates
+    tls_key: str | None = None
+    tls_required: bool = False             # 530 5.7.0 to MAIL on plain connections
+    users_file: str | None = None          # Dovecot passwd-file format (SPEC §9)
+    pop3_timeout_s: float = 600.0          # autologout; RFC 1939 §3 asks at least 10 minutes
+    imap_timeout_s: float = 1800.0         # autologout; RFC 3501 §5.4 asks at least 30 minutes
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    delivery: DeliveryTarget = MBOX_DELIVERY
+    smtputf8: bool = True                  # Postfix smtputf8_enable
     pidfile: str | None = None
     log_level: str = "info"
     log_file: str | None = None
     config_file: str | None = None
 
 
+def host_names() -> list[str]:
+    """This host's names, as hostname(1), getfqdn() and the resolver's canonical name
+    give them; the first one with a dot is the best candidate for the FQDN."""
+    names = [socket.gethostname(), socket.getfqdn()]
+    try:
+        names.append(socket.getaddrinfo(names[0], None, flags=socket.AI_CANONNAME)[0][3])
+    except (OSError, IndexError, UnicodeError):
+        pass
+    out: list[str] = []
+    for name in names:
+        name = (name or "").rstrip(".")
+        if name and name.lower() not in (n.lower() for n in out) and _is_hostname(name):
+            out.append(name)
+    return out
+
+
 def default_hostname() -> str:
-    return socket.getfqdn() or socket.gethostname() or "localhost"
+    """A fully qualified name when the host has one (Postfix's $myhostname), else the
+    plain host name; "localhost" only when there is nothing better."""
+    names = [n for n in host_names() if n.lower() not in ("localhost", "localhost.localdomain")]
+    qualified = [n for n in names if "." in n]
+    return (qualified or names or ["localhost"])[0]
+
+
+def default_domains(hostname: str) -> frozenset[str]:
+    """As Postfix's mydestination: $myhostname, the host's other names, localhost."""
+    return frozenset({hostname.lower(), "localhost", *(n.lower() for n in host_names())})
 
 
 def default_listen() -> tuple[ListenAddress, ...]:
@@ -127,11 +196,54 @@ def _text(value: Any, key: str) -> str:
     return value
 
 
+def _is_hostname(value: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value))
+
+
 def _hostname(value: Any, key: str) -> str:
     value = _text(value, key)
-    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+    if not _is_hostname(value):
         raise ConfigError(f"{key}: {value!r} is not a valid host name")
     return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _network(value: Any, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    text = _text(value, key)
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a network like 10.0.0.0/8 or 127.0.0.1") from None
+
+
+def _delivery(value: Any, key: str) -> DeliveryTarget:
+    text = _text(value, key)
+    if text == "mbox":
+        return MBOX_DELIVERY
+    usage = f"{key}: {text!r} is not \"mbox\", \"lmtp:HOST:PORT\" or \"lmtp:unix:/PATH\""
+    if not text.startswith("lmtp:"):
+        raise ConfigError(usage)
+    rest = text[len("lmtp:"):]
+    if rest.startswith("unix:"):
+        path = rest[len("unix:"):]
+        if not path.startswith("/"):
+            raise ConfigError(f"{key}: the LMTP socket path in {text!r} must be absolute")
+        return DeliveryTarget("lmtp", path=path)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([A-Za-z0-9.-]+):(\d+)", rest)
+    if not match:
+        raise ConfigError(usage)
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key}: port {port} in {text!r} is out of range 1-65535")
+    return DeliveryTarget("lmtp", host=host, port=port)
 
 
 def _list(item: Callable[[Any, str], Any]) -> Callable[[Any, str], tuple]:
@@ -146,9 +258,16 @@ def _list(item: Callable[[Any, str], Any]) -> Callable[[Any, str], tuple]:
 
 def parse_listen(value: Any, key: str = "listen") -> ListenAddress:
     text = _text(value, key)
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    service, sep, address = text.partition("://")
+    if not sep:
+        service, address = DEFAULT_SERVICE, text
+    elif service.lower() not in SERVICES:
+        raise ConfigError(f"{key}: unknown service {service!r} in {text!r} "
+                          f"(one of {', '.join(SERVICES)})")
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", address)
     if not match:
-        raise ConfigError(f"{key}: {text!r} is not ADDR:PORT (use [::1]:2525 for IPv6)")
+        raise ConfigError(f"{key}: {text!r} is not [SERVICE://]ADDR:PORT "
+                          "(use [::1]:2525 for IPv6)")
     host = match.group(1) or match.group(3)
     port = int(match.group(2) or match.group(4))
     if not 0 < port < 65536:
@@ -158,7 +277,7 @@ def parse_listen(value: Any, key: str = "listen") -> ListenAddress:
         socket.inet_pton(family, host)
     except OSError:
         raise ConfigError(f"{key}: {host!r} in {text!r} is not a numeric IP address") from None
-    return ListenAddress(host, port)
+    return ListenAddress(host, port, service.lower())
 
 
 def _domain(value: Any, key: str) -> str:
@@ -225,6 +344,16 @@ KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "aliases": ("aliases", _aliases),
     "catchall": ("catchall", _mailbox),
     "spool_mode": ("spool_mode", _mode),
+    "spool_group": ("spool_group", _text),
+    "tls_cert": ("tls_cert", _text),
+    "tls_key": ("tls_key", _text),
+    "tls_required": ("tls_required", _bool),
+    "users_file": ("users_file", _text),
+    "pop3_timeout": ("pop3_timeout_s", _seconds),
+    "imap_timeout": ("imap_timeout_s", _seconds),
+    "proxy_from": ("proxy_from", _list(_network)),
+    "delivery": ("delivery", _delivery),
+    "smtputf8": ("smtputf8", _bool),
     "pidfile": ("pidfile", _text),
     "log_level": ("log_level", _log_level),
     "log_file": ("log_file", _text),
@@ -256,19 +385,36 @@ def build(cli_values: Mapping[str, Any], config_file: str | None = None) -> Conf
     # The file is checked whole even where the command line overrides it: a bad value
     # must not lie in wait for the next start without -w.
     values = {**from_file, **_parse_all({k: v for k, v in cli_values.items() if v is not None}, "")}
-    hostname = values.get("hostname") or _hostname_or_localhost()
+    hostname = values.get("hostname") or default_hostname()
     values.setdefault("hostname", hostname)
     values.setdefault("workers", os.cpu_count() or 1)
     values.setdefault("listen", default_listen())
     values.setdefault("user", None)
     values.setdefault("group", None)
     values.setdefault("spool_dir", "/var/spool/ccsmtp")
-    values.setdefault("domains", frozenset({hostname.lower(), "localhost"}))
+    values.setdefault("domains", default_domains(hostname))
     values["spool_dir"] = os.path.abspath(values["spool_dir"])
+    for key in ("tls_cert", "tls_key", "users_file"):
+        if values.get(key):
+            values[key] = os.path.abspath(values[key])
     values["config_file"] = os.path.abspath(config_file) if config_file else None
+    _check_together(values)
+    return Config(**values)
+
+
+def _check_together(values: Mapping[str, Any]) -> None:
+    """Settings that are fine alone but not side by side."""
     if not values["listen"]:
         raise ConfigError("listen: at least one ADDR:PORT is needed")
-    return Config(**values)
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise ConfigError("tls_cert, tls_key: give both (certificate and key) or neither")
+    if not values.get("tls_cert"):
+        implicit = [str(a) for a in values["listen"] if a.implicit_tls]
+        if implicit:
+            raise ConfigError(f"listen: {implicit[0]} needs a certificate (set tls_cert and "
+                              "tls_key, or listen without TLS)")
+        if values.get("tls_required"):
+            raise ConfigError("tls_required: needs a certificate (set tls_cert and tls_key)")
 
 
 def _parse_all(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -283,10 +429,3 @@ def _parse_all(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}{e}") from None
     return values
 
-
-def _hostname_or_localhost() -> str:
-    name = default_hostname()
-    try:
-        return _hostname(name, "hostname")
-    except ConfigError:
-        return "localhost"

@@ -42,16 +42,42 @@ def test_defaults_from_the_spec():
     assert cfg.recipients == frozenset()
     assert dict(cfg.aliases) == {}
     assert cfg.catchall is None
-    assert cfg.spool_mode == 0o600
+    assert cfg.spool_mode == 0o600 and cfg.spool_group is None
+    assert cfg.tls_cert is None and cfg.tls_key is None and cfg.tls_required is False
+    assert cfg.users_file is None
+    assert (cfg.pop3_timeout_s, cfg.imap_timeout_s) == (600, 1800)
+    assert cfg.proxy_from == ()
+    assert str(cfg.delivery) == "mbox" and cfg.smtputf8 is True
     assert cfg.pidfile is None and cfg.log_file is None
     assert cfg.log_level == "info"
     assert cfg.config_file is None
 
 
-def test_domains_default_to_the_hostname_and_localhost():
+def test_domains_default_to_the_hostname_the_host_names_and_localhost():
     cfg = config.build({"hostname": "MX.Example.ORG"})
     assert cfg.hostname == "MX.Example.ORG"
-    assert cfg.domains == frozenset({"mx.example.org", "localhost"})
+    assert {"mx.example.org", "localhost", socket.gethostname().lower()} <= cfg.domains
+
+
+def test_host_whose_fqdn_lookup_says_localhost(monkeypatch):
+    # gethostname() "vm", getfqdn() "localhost" (a host with 127.0.0.1 vm in
+    # /etc/hosts): mail to alice@vm must be local, and the greeting names "vm".
+    monkeypatch.setattr(socket, "gethostname", lambda: "vm")
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": "localhost")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(2, 1, 6, "vm", ("127.0.0.1", 0))])
+    cfg = config.build({})
+    assert cfg.hostname == "vm"
+    assert cfg.domains == frozenset({"vm", "localhost"})
+
+
+def test_hostname_defaults_to_a_fully_qualified_name_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(socket, "gethostname", lambda: "mx")
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": "localhost")
+    monkeypatch.setattr(socket, "getaddrinfo",
+                        lambda *a, **k: [(2, 1, 6, "mx.example.org", ("192.0.2.1", 0))])
+    cfg = config.build({})
+    assert cfg.hostname == "mx.example.org"
+    assert cfg.domains == frozenset({"mx", "mx.example.org", "localhost"})
 
 
 def test_config_is_frozen():
@@ -205,6 +231,12 @@ BAD_VALUES = [
     ("aliases", "alice"),
     ("spool", ""), ("spool", "/tmp/a\nb"), ("user", 0),
     ("log_level", "loud"),
+    ("tls_required", "maybe"), ("smtputf8", 1), ("users_file", ""),
+    ("pop3_timeout", 0), ("imap_timeout", "never"),
+    ("proxy_from", ["10.0.0.0/8", "not-a-net"]), ("proxy_from", "300.1.1.1"),
+    ("delivery", "maildir"), ("delivery", "lmtp:"), ("delivery", "lmtp:host"),
+    ("delivery", "lmtp:host:0"), ("delivery", "lmtp:unix:relative/path"), ("delivery", "lmtp:[::1:24"),
+    ("listen", "ftp://127.0.0.1:21"), ("listen", "smtp//127.0.0.1:25"),
 ]
 
 
@@ -258,3 +290,53 @@ def test_bad_listen(text):
 
 def test_one_listen_string_is_one_address():
     assert config.build({"listen": "[::1]:2525"}).listen == (ListenAddress("::1", 2525),)
+
+
+@pytest.mark.parametrize("text, service, implicit", [
+    ("127.0.0.1:2525", "smtp", False), ("smtp://127.0.0.1:2525", "smtp", False),
+    ("smtps://127.0.0.1:465", "smtps", True), ("POP3://[::1]:110", "pop3", False),
+    ("pop3s://0.0.0.0:995", "pop3s", True), ("imap://127.0.0.1:143", "imap", False),
+    ("imaps://[::]:993", "imaps", True),
+])
+def test_listen_with_a_service(text, service, implicit):
+    address = config.parse_listen(text)
+    assert (address.service, address.implicit_tls) == (service, implicit)
+    assert config.parse_listen(str(address)) == address
+
+
+def test_implicit_tls_listener_needs_a_certificate():
+    message = error_for({"listen": ["127.0.0.1:2525", "smtps://127.0.0.1:4650"]})
+    assert message.startswith("listen") and "smtps://127.0.0.1:4650" in message and "tls_cert" in message
+    cfg = config.build({"listen": ["smtps://127.0.0.1:4650"], "tls_cert": "c.pem", "tls_key": "k.pem"})
+    assert cfg.listen[0].implicit_tls
+
+
+@pytest.mark.parametrize("values", [{"tls_cert": "c.pem"}, {"tls_key": "k.pem"},
+                                    {"tls_required": True}])
+def test_tls_settings_that_need_each_other(values):
+    assert error_for(values).startswith(("tls_cert", "tls_required"))
+
+
+def test_tls_and_users_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.build({"tls_cert": "c.pem", "tls_key": "k.pem", "users_file": "users"})
+    assert (cfg.tls_cert, cfg.tls_key, cfg.users_file) == (
+        str(tmp_path / "c.pem"), str(tmp_path / "k.pem"), str(tmp_path / "users"))
+
+
+@pytest.mark.parametrize("text, kind, host, port, path", [
+    ("mbox", "mbox", None, None, None),
+    ("lmtp:127.0.0.1:24", "lmtp", "127.0.0.1", 24, None),
+    ("lmtp:dovecot.internal:24", "lmtp", "dovecot.internal", 24, None),
+    ("lmtp:[::1]:2424", "lmtp", "::1", 2424, None),
+    ("lmtp:unix:/run/dovecot/lmtp", "lmtp", None, None, "/run/dovecot/lmtp"),
+])
+def test_delivery_targets(text, kind, host, port, path):
+    target = config.build({"delivery": text}).delivery
+    assert (target.kind, target.host, target.port, target.path) == (kind, host, port, path)
+    assert str(target) == text
+
+
+def test_proxy_from_networks():
+    cfg = config.build({"proxy_from": ["127.0.0.1", "10.0.0.0/8", "::1"]})
+    assert [str(n) for n in cfg.proxy_from] == ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]
