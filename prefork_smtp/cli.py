@@ -23,7 +23,7 @@ import encodings.idna  # noqa: F401
 import json  # noqa: F401
 
 from . import config as configuration
-from . import logs
+from . import credentials, logs
 from .layout import SCOREBOARD, state_path
 from .process import listeners as listening
 from .process import privileges
@@ -92,6 +92,10 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     identity = _identity(config)
     try:
+        loaded = credentials.load(config)     # as root: a root-only key works
+    except credentials.CredentialsError as e:
+        _die(2, e)
+    try:
         listeners = listening.bind_all(config.listen)
     except listening.ListenError as e:
         _die(1, e)
@@ -121,7 +125,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return configuration.build(cli_values, args.config)
 
     try:
-        return Master(config, listeners, SERVICES, scoreboard, anvil, reload).run()
+        return Master(config, listeners, SERVICES, loaded, scoreboard, anvil, reload).run()
     finally:
         _remove_pidfile(config.pidfile)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import ssl
 from typing import Callable, Protocol
 
 from .config import Config, ListenAddress
@@ -65,6 +66,7 @@ class WorkerContext:
     config: Config
     hooks: SessionHooks
     notify_delivery: socket.socket | None   # a datagram here wakes the delivery process
+    tls: ssl.SSLContext | None = None       # the server's TLS context, if it has a certificate
 
 
 class RunningService(Protocol):

@@ -1,7 +1,8 @@
 """The table of services a listener can carry (SPEC §2: -l [SERVICE://]ADDR:PORT).
 
 Adding a protocol touches its own package and this table; the worker and the
-master know none of them.
+master know none of them. A service whose name ends in "s" has implicit TLS (the
+session handshakes before greeting: RFC 8314); the others offer STARTTLS/STLS.
 """
 
 from __future__ import annotations
@@ -11,4 +12,5 @@ from .smtp.service import SMTPService
 
 SERVICES: dict[str, Service] = {
     "smtp": Service("smtp", "smtp", SMTPService),
+    "smtps": Service("smtps", "smtp", SMTPService),
 }

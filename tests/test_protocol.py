@@ -43,7 +43,7 @@ S250_RSET = bytes(R.RESET_OK)
 S250_NOOP = bytes(R.NOOP_OK)
 S250_QUEUED = bytes(R.QUEUED.with_text(R.QUEUED.text.format(QID)))
 S252 = bytes(R.CANNOT_VRFY)
-S214 = bytes(R.HELP)
+S214 = bytes(P.HELP)
 S221 = bytes(R.BYE)
 S354 = bytes(R.START_DATA)
 S421_SHUTDOWN = bytes(R.SHUTTING_DOWN)
@@ -145,12 +145,14 @@ def make_config(**overrides) -> config.Config:
 
 
 def make_conn(chunk_bytes: int | None = None, max_commands_per_feed: int | None = None,
+              tls: str | None = None, tls_available: bool = False,
               **overrides) -> P.SMTPConnection:
     cfg = make_config(**overrides)
     router = Router(cfg.domains, recipients=cfg.recipients, aliases=cfg.aliases,
                     catchall=cfg.catchall)
     return P.SMTPConnection(cfg, router, client_address=CLIENT_IP, chunk_bytes=chunk_bytes,
-                            max_commands_per_feed=max_commands_per_feed)
+                            max_commands_per_feed=max_commands_per_feed, tls=tls,
+                            tls_available=tls_available)
 
 
 # Feeding modes: the script whole or one byte at a time; "+chunks" also has the
@@ -173,6 +175,7 @@ class Client:
         self.messages: list[P.StoreMessage] = []
         self.events: list[P.Event] = []
         self.closed = False
+        self.tls_started = False
         self.after_feed = None        # optional callable run after every feed() call
         self._chunks: list[bytes] = []
         self.stray_aborts = 0
@@ -226,6 +229,9 @@ class Client:
                 self._chunks = []
             elif isinstance(event, P.CloseConnection):
                 self.closed = True
+            elif isinstance(event, P.StartTLS):
+                assert i == len(events) - 1, "StartTLS is not the last event"
+                self.tls_started = True
             else:
                 raise AssertionError(f"unknown event {event!r}")
 
@@ -255,6 +261,10 @@ def mode(request) -> str:
 def connect(mode: str, auto_store: bool = True, **overrides) -> Client:
     chunk_bytes = CHUNK_BYTES if mode.endswith("+chunks") else None
     return Client(make_conn(chunk_bytes, **overrides), mode, auto_store)
+
+
+def bdat(content: bytes, last: bool = True) -> bytes:
+    return b"BDAT %d%s\r\n" % (len(content), b" LAST" if last else b"") + content
 
 
 def expect(replies: list[bytes], patterns: list[bytes]) -> None:
@@ -341,7 +351,7 @@ COMMAND_TABLE = {
     b"RCPT TO:<bob@example.org>\r\n": {
         C: (S503, SAME), G: (S503, SAME), M: (S250_RCPT, RC), RC: (S250_RCPT, RC)},
     b"DATA\r\n": {
-        C: (S503, SAME), G: (S503, SAME), M: (S554_NO_RCPT, SAME), RC: (S354, P.State.DATA)},
+        C: (S503, SAME), G: (S503, SAME), M: (S503, SAME), RC: (S354, P.State.DATA)},
     b"RSET\r\n": {C: (S250_RSET, C), G: (S250_RSET, G), M: (S250_RSET, G), RC: (S250_RSET, G)},
     b"NOOP\r\n": {s: (S250_NOOP, SAME) for s in REACH},
     b"VRFY alice\r\n": {s: (S252, SAME) for s in REACH},
@@ -349,7 +359,8 @@ COMMAND_TABLE = {
     b"HELP\r\n": {s: (S214, SAME) for s in REACH},
     b"QUIT\r\n": {s: (S221, P.State.CLOSED) for s in REACH},
     b"TURN\r\n": {s: (S500_UNKNOWN, SAME) for s in REACH},
-    b"BDAT 10 LAST\r\n": {s: (S500_UNKNOWN, SAME) for s in REACH},
+    b"BDAT 0\r\n": {C: (S503, SAME), G: (S503, SAME), M: (S503, G),
+                     RC: (bytes(R.fill(R.CHUNK_RECEIVED, 0)), P.State.CHUNKING)},
     b"\r\n": {s: (S500_UNKNOWN, SAME) for s in REACH},
 }
 STATE_CASES = [
@@ -429,8 +440,13 @@ def test_bad_arguments(mode, state, command, reply):
     client = connect(mode)
     client.send(REACH[state])
     expect(client.send(command), [reply])
-    assert client.conn.state is state
+    assert client.conn.state is after_refusal(state, command)
     assert not client.closed
+
+
+def after_refusal(state: P.State, command: bytes) -> P.State:
+    """A refused RCPT means a recipient was given: DATA is then 554, not 503 (SPEC §5)."""
+    return P.State.NO_RCPT if state is M and command.startswith(b"RCPT") else state
 
 
 @pytest.mark.parametrize("state, command", [
@@ -444,7 +460,7 @@ def test_unknown_mail_or_rcpt_parameter(mode, state, command):
     client = connect(mode)
     client.send(REACH[state])
     expect(client.send(command), [S555])
-    assert client.conn.state is state
+    assert client.conn.state is after_refusal(state, command)
 
 
 def test_mail_parameters_need_ehlo(mode):
@@ -792,7 +808,7 @@ def test_postmaster_accepted_despite_allow_list(mode, address, mailbox):
 def test_relaying_is_denied(mode, address):
     client = in_transaction(mode, catchall="catchall")
     expect(client.send(rcpt(address)), [S550_RELAY])
-    assert client.conn.state is M
+    assert client.conn.state is P.State.NO_RCPT
 
 
 @pytest.mark.parametrize("address", [
@@ -810,7 +826,7 @@ def test_relaying_is_denied(mode, address):
 def test_unsafe_local_parts_are_unknown_users(mode, address):
     client = in_transaction(mode)
     expect(client.send(rcpt(address)), [S550_UNKNOWN])
-    assert client.conn.state is M
+    assert client.conn.state is P.State.NO_RCPT
 
 
 def test_longest_safe_local_part_is_accepted(mode):

@@ -247,6 +247,35 @@ def test_restart_after_crash_between_mailbox_fsync_and_cleanup_does_not_duplicat
     assert len(read_mbox(spool, "alice")) == 3 and len(read_mbox(spool, "bob")) == 3
 
 
+def test_tls_sessions_get_the_tls_comment_in_received():
+    tls = "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
+    text = format_one(b"x\r\n", protocol="ESMTPS", tls=tls)
+    assert (b"Received: from client.example.net (unknown [192.0.2.7])\n"
+            b"\t(using " + tls.encode() + b")\n"
+            b"\tby mx.example.org (ccsmtp) with ESMTPS id QID1\n") in text
+
+
+def test_tls_field_round_trips_through_the_queue(spool):
+    message = queued(b"x\r\n", dataclasses.replace(ENVELOPE, protocol="ESMTPS", tls="TLSv1.2 with cipher X (128/128 bits)"))
+    name = queue.write_batch(spool, [message])
+    assert queue.read_batch(spool, name) == [message]
+
+
+def test_recovery_recognises_copies_received_over_tls(spool):
+    cfg = make_config(spool)
+    tls_envelope = dataclasses.replace(ENVELOPE, protocol="ESMTPS", tls="TLSv1.3 with cipher X (256/256 bits)")
+    name = queue.write_batch(spool, [queued(b"Subject: %d\r\n\r\nx\r\n" % i, tls_envelope)
+                                     for i in range(2)])
+    saved = open(os.path.join(queue.queue_paths(spool)["queue"], name), "rb").read()
+    delivery.Delivery(cfg, None).deliver_round()
+    with open(os.path.join(queue.queue_paths(spool)["queue"], name), "wb") as f:
+        f.write(saved)
+    restarted = delivery.Delivery(cfg, None)
+    restarted.recover()
+    assert restarted.deliver_round() == 0
+    assert len(read_mbox(spool, "alice")) == 2
+
+
 def test_forged_trace_header_in_content_does_not_fool_recovery(spool):
     cfg = make_config(spool)
     victim = queued(b"Subject: real\r\n\r\nx\r\n")

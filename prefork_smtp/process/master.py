@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 from setproctitle import setproctitle
 
 from .. import config as configuration
-from .. import logs
+from .. import credentials, logs
 from ..config import Config
 from ..service import Service
 from ..store.delivery import Delivery
@@ -66,10 +66,12 @@ class Child:
 
 class Master:
     def __init__(self, config: Config, listeners: list[Listener], services: Mapping[str, Service],
-                 scoreboard: Scoreboard, anvil: Anvil, reload_config: Callable[[], Config]):
+                 loaded: credentials.Credentials, scoreboard: Scoreboard, anvil: Anvil,
+                 reload_config: Callable[[], Config]):
         self.config = config
         self.listeners = listeners
         self.services = services
+        self.credentials = loaded
         self.scoreboard = scoreboard
         self.anvil = anvil
         self.reload_config = reload_config
@@ -196,8 +198,8 @@ class Master:
     def spawn_worker(self, worker_id: int) -> None:
         def body(slot: int) -> int:
             return Worker(worker_id, slot, self.config, self.listeners, self.services,
-                          self.scoreboard, self.anvil, self.notify_send, self.status_send,
-                          self.pid).run()
+                          self.credentials, self.scoreboard, self.anvil, self.notify_send,
+                          self.status_send, self.pid).run()
         self._fork(WORKER, worker_id, body)
 
     def spawn_delivery(self) -> None:
@@ -318,6 +320,7 @@ class Master:
                         ", ".join(changed))
             new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in changed})
         logs.set_level(new.log_level)
+        self.credentials = credentials.reload(new, self.credentials)
         self.config = new
         self.num_workers = new.workers
         self.generation += 1

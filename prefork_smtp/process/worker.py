@@ -29,6 +29,7 @@ from setproctitle import setproctitle
 
 from .. import logs
 from ..config import SERVICE_FAMILIES, Config, ListenAddress
+from ..credentials import Credentials
 from ..service import RunningService, Service, SessionHooks, WorkerContext
 from .anvil import Anvil, AnvilRegion
 from .listeners import Listener
@@ -92,13 +93,15 @@ class WorkerHooks(SessionHooks):
 class Worker:
     def __init__(self, worker_id: int, slot: int, config: Config,
                  listeners: list[Listener], services: Mapping[str, Service],
-                 scoreboard: Scoreboard, anvil: Anvil, notify: socket.socket | None,
+                 loaded: Credentials, scoreboard: Scoreboard, anvil: Anvil,
+                 notify: socket.socket | None,
                  status: socket.socket | None, master_pid: int):
         self.worker_id = worker_id
         self.slot = slot
         self.config = config
         self.listeners = listeners
         self.services = services
+        self.credentials = loaded
         self.notify = notify
         self.scoreboard = scoreboard
         self.master_pid = master_pid
@@ -142,7 +145,8 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self.stop, FAST)
         loop.add_signal_handler(signal.SIGUSR2, self.stop, RETIRE)
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
-        context = WorkerContext(self.worker_id, self.config, self.hooks, self.notify)
+        context = WorkerContext(self.worker_id, self.config, self.hooks, self.notify,
+                                tls=self.credentials.tls)
         running: dict[str, RunningService] = {}
         for listener in self.listeners:
             service = self.services[listener.address.service]

@@ -1,8 +1,10 @@
-"""Framing one DATA block (RFC 5321 §4.1.1.4, §4.5.2), sans-IO.
+"""Framing message content, sans-IO: one DATA block (RFC 5321 §4.1.1.4, §4.5.2) or
+BDAT chunks (RFC 3030).
 
-Owns: finding the end marker, dot-unstuffing, the size limit, counting Received:
-headers, and handing out the content in pieces cut at line boundaries, so that a
-large message never has to be held in memory whole.
+Owns: for DATA, finding the end marker and dot-unstuffing; for BDAT, taking exactly
+the announced octets (never unstuffed); for both, the size limit, counting Received:
+headers (the hop count), and handing out the content in pieces, so that a large
+message never has to be held in memory whole.
 Must not: know about sessions, replies or files.
 
 Only CRLF . CRLF ends DATA: LF . LF, LF . CRLF, CR . CR and kin are content (SMTP
@@ -19,6 +21,34 @@ _RECEIVED = re.compile(rb"\nreceived:", re.IGNORECASE)   # at a line start
 _HEADER_END = b"\r\n\r\n"
 
 
+class HopCounter:
+    """Counts Received: headers in the header section of content handed over in
+    pieces cut anywhere, one byte at a time included (RFC 5321 §6.3 loop detection)."""
+
+    # A header name or the blank line may straddle pieces: keep this much of the
+    # previous ones (one less than the longest pattern), and count only matches that
+    # end in the new piece.
+    _TAIL = len(b"\nreceived:") - 1
+
+    def __init__(self) -> None:
+        self.received_headers = 0
+        self._in_headers = True
+        self._tail = b"\r\n"       # a line start before the first line; an empty first
+                                    # line then ends the headers
+
+    def feed(self, piece: bytes) -> None:
+        if not self._in_headers:
+            return
+        text = self._tail + piece
+        new = len(self._tail)
+        header_end = text.find(_HEADER_END)
+        end = len(text) if header_end < 0 else header_end + 2
+        self.received_headers += sum(1 for match in _RECEIVED.finditer(text, 0, end)
+                                     if match.end() > new)
+        self._in_headers = header_end < 0
+        self._tail = text[-self._TAIL:]
+
+
 class DataFramer:
     """Feed it bytes; it says when the block ended and gives back unstuffed content.
 
@@ -33,12 +63,10 @@ class DataFramer:
         self.max_size = max_size
         self.chunk_bytes = chunk_bytes
         self.oversized = False
-        self.received_headers = 0
+        self.hops = HopCounter()
         self._buf = bytearray(b"\r\n")
         self._size = 0                      # unstuffed content handed out so far
         self._first_piece = True
-        self._in_headers = True
-        self._header_tail = b"\r\n"       # so an empty first line ends the headers
 
     def feed(self, data: bytes | memoryview) -> tuple[list[bytes], int | None]:
         """Returns (pieces of content, leftover): leftover is None while the block
@@ -89,17 +117,72 @@ class DataFramer:
             piece = piece[2:]               # the sentinel, not content
             self._first_piece = False
         self._size += len(piece)
-        if self._in_headers:
-            self._count_received(piece)
+        self.hops.feed(piece)
         return piece
 
-    def _count_received(self, piece: bytes) -> None:
-        # The blank line ending the headers may straddle two pieces, and a line may
-        # start in the previous one: look at that piece's last two bytes too.
-        text = self._header_tail + piece
-        header_end = text.find(_HEADER_END)
-        if header_end >= 0:
-            text = text[:header_end + 2]
-            self._in_headers = False
-        self.received_headers += len(_RECEIVED.findall(text))
-        self._header_tail = piece[-2:] if len(piece) >= 2 else self._header_tail[len(piece):] + piece
+    @property
+    def received_headers(self) -> int:
+        return self.hops.received_headers
+
+
+class ChunkReader:
+    """The octets of BDAT chunks (RFC 3030 §2): exactly as many as announced, taken
+    as they are (no dot-unstuffing, no end marker), over as many chunks as the
+    client sends. Content past the size limit, or of a refused chunk, is read and
+    dropped: the octets must be consumed either way, or they would be taken for
+    commands.
+
+    Pieces are handed out once chunk_bytes have gathered (cut anywhere: readers of
+    the pieces carry partial lines over), the rest at the end of the message.
+    """
+
+    def __init__(self, max_size: int, chunk_bytes: int | None = None):
+        self.max_size = max_size
+        self.chunk_bytes = chunk_bytes
+        self.size = 0                      # octets of the message so far
+        self.chunks = 0
+        self.hops = HopCounter()
+        self._remaining = 0                # octets of the current chunk still to come
+        self._keep = True                  # this chunk's octets are content
+        self._buf = bytearray()
+
+    def start_chunk(self, size: int, keep: bool) -> None:
+        self._remaining = size
+        self._keep = keep
+        if keep:
+            self.chunks += 1
+            self.size += size
+
+    @property
+    def oversized(self) -> bool:
+        return self.size > self.max_size
+
+    @property
+    def received_headers(self) -> int:
+        return self.hops.received_headers
+
+    def feed(self, data: bytes | memoryview) -> tuple[list[bytes], int]:
+        """Take what belongs to the current chunk; returns (pieces to keep so far,
+        how many octets of data were used). The chunk is complete when
+        chunk_done is true."""
+        used = min(self._remaining, len(data))
+        self._remaining -= used
+        pieces: list[bytes] = []
+        if self._keep and not self.oversized and used:
+            taken = bytes(data[:used])
+            self.hops.feed(taken)
+            self._buf += taken
+            if self.chunk_bytes and len(self._buf) >= self.chunk_bytes:
+                pieces.append(bytes(self._buf))
+                self._buf.clear()
+        return pieces, used
+
+    @property
+    def chunk_done(self) -> bool:
+        return self._remaining == 0
+
+    def rest(self) -> bytes:
+        """The content not yet handed out (at the end of the message)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest

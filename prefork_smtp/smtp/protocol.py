@@ -1,7 +1,9 @@
 """The SMTP server state machine (RFC 5321), sans-IO.
 
 Owns: turning the bytes a client sends into replies and events, command sequencing,
-limits (line length, size, recipients, errors), DATA framing and dot-unstuffing.
+limits (line length, size, recipients, errors), DATA and BDAT (RFC 3030) framing, and
+saying when TLS is to start (RFC 3207): the session does the handshake and then makes
+a new SMTPConnection, so nothing said before it survives.
 Must not: touch sockets, clocks, files or loggers. The session feeds bytes in with
 feed() and carries out the events that come back; while a message is being stored
 it buffers input unprocessed, so pipelined commands after DATA are answered in order
@@ -23,15 +25,16 @@ from ..store.mailboxes import Rejection, Router
 from . import replies as R
 from .addresses import (NULL_PATH, Address, AddressError, NeedsSMTPUTF8, parse_params,
                         parse_path, split_path_and_params)
-from .data_framing import DataFramer
+from .data_framing import ChunkReader, DataFramer
 
 # RFC 5321 §4.5.3.1.4: 512 octets per command line including CRLF; §4.5.3.1.5 lets
-# extensions add to it. SIZE, BODY and SMTPUTF8 together need well under 512 more.
-MAX_COMMAND_LINE = 512 + 512
+# extensions add to it (SPEC §5: 1,000). SIZE, BODY and SMTPUTF8 need far less.
+MAX_COMMAND_LINE = 1000
 # Postfix's smtpd_junk_command_limit: past this many NOOP, VRFY and RSET without a
 # delivered message, each one counts as an error (tarpit, then hard_error_limit).
 JUNK_COMMAND_LIMIT = 100
-JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "RSET"})
+# RFC 3030 §2: chunk-size = 1*DIGIT; the end marker is the word LAST.
+_BDAT_SIZE_DIGITS = frozenset("0123456789")
 # RFC 5321 §6.3 recommends a hop limit; Postfix's hopcount_limit is 50.
 MAX_RECEIVED_HEADERS = 50
 
@@ -39,10 +42,14 @@ MAX_RECEIVED_HEADERS = 50
 class State(enum.Enum):
     CONNECTED = "connected"      # no HELO/EHLO yet
     GREETED = "greeted"          # no transaction
-    MAIL = "mail"                # MAIL accepted, no recipient yet
+    MAIL = "mail"                # MAIL accepted, no recipient given yet
+    NO_RCPT = "no valid rcpt"    # recipients given, all refused
     RCPT = "rcpt"                # at least one recipient
-    DATA = "data"                # reading message content
+    CHUNKING = "chunking"        # between the BDAT chunks of a message
+    DATA = "data"                # reading a DATA block
+    BDAT = "bdat"                # reading the octets of a BDAT chunk
     STORING = "storing"          # waiting for the session to store the message
+    STARTING_TLS = "starting tls"   # 220 sent; the session takes over (RFC 3207)
     CLOSED = "closed"
 
 
@@ -79,7 +86,14 @@ class CloseConnection:
     pass
 
 
-Event = Union[SendReply, MessageChunk, MessageAborted, StoreMessage, CloseConnection]
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartTLS:
+    """The 220 for STARTTLS is out: hand the connection to TLS, then start a new
+    SMTPConnection. Input already buffered after the command is in `unprocessed`
+    and must never be executed."""
+
+
+Event = Union[SendReply, MessageChunk, MessageAborted, StoreMessage, CloseConnection, StartTLS]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,21 +102,32 @@ class Command:
     allowed: frozenset[State]
     # What to answer when the command comes in a state not allowed for it.
     out_of_order: dict[State, R.Reply]
+    # NOOP, VRFY, RSET: past JUNK_COMMAND_LIMIT without a delivered message they
+    # count as errors (Postfix's smtpd_junk_command_limit).
+    junk: bool = False
 
 
 def _seq(text: str) -> R.Reply:
     return R.fill(R.BAD_SEQUENCE, text)
 
 
-_SESSION_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT})
+# States in which the next input is a command line.
+_SESSION_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.NO_RCPT,
+                             State.RCPT, State.CHUNKING})
+_IN_TRANSACTION = frozenset({State.MAIL, State.NO_RCPT, State.RCPT, State.CHUNKING})
 
 
 class SMTPConnection:
     """One SMTP session's protocol state. Not thread-safe; one per connection."""
 
     def __init__(self, config: Config, router: Router, client_address: str = "unknown",
-                 chunk_bytes: int | None = None, max_commands_per_feed: int | None = None):
+                 chunk_bytes: int | None = None, max_commands_per_feed: int | None = None,
+                 tls: str | None = None, tls_available: bool = False):
         self.config = config
+        # The TLS connection as Received: describes it ("TLSv1.3 with cipher ..."),
+        # None in plain text; and whether STARTTLS can be offered (a certificate).
+        self.tls = tls
+        self.tls_available = tls_available
         self.chunk_bytes = chunk_bytes   # hand out DATA in MessageChunks past this size
         self.max_commands_per_feed = max_commands_per_feed
         self.router = router
@@ -156,26 +181,37 @@ class SMTPConnection:
 
     @property
     def in_transaction(self) -> bool:
-        return self.state in (State.DATA, State.STORING)
+        return self.state in (State.DATA, State.BDAT, State.STORING)
 
     @property
     def reading_data(self) -> bool:
-        return self.state is State.DATA
+        """Message content is coming in (a DATA block or a BDAT chunk)."""
+        return self.state in (State.DATA, State.BDAT)
 
     @property
     def has_unread_commands(self) -> bool:
         """Pipelined input left over by max_commands_per_feed: call feed(b"")."""
         return self.state in _SESSION_STATES and self._buf.find(b"\n") >= 0
 
+    @property
+    def unprocessed(self) -> bytes:
+        """Input received but not acted on (after STARTTLS: never to be executed)."""
+        return bytes(self._buf)
+
     # --- input processing -------------------------------------------------------
 
     def _process(self) -> list[Event]:
         events: list[Event] = []
         pos = handled = 0
-        while self.state not in (State.STORING, State.CLOSED):
+        while self.state not in (State.STORING, State.STARTING_TLS, State.CLOSED):
             if self.state is State.DATA:
                 pos = self._take_data(pos, events)
                 if self.state is State.DATA:
+                    break
+                continue
+            if self.state is State.BDAT:
+                pos = self._take_chunk(pos, events)
+                if self.state is State.BDAT:
                     break
                 continue
             line_end = self._find_line_end(pos)
@@ -209,7 +245,7 @@ class SMTPConnection:
     def _handle_line(self, line: bytes, events: list[Event]) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
-        if len(line) + 2 > MAX_COMMAND_LINE:
+        if len(line) + 2 > MAX_COMMAND_LINE:   # counted with its CRLF
             self._reply(events, R.LINE_TOO_LONG)
             return
         if b"\r" in line or b"\0" in line:
@@ -229,12 +265,16 @@ class SMTPConnection:
             self._reply(events, command.out_of_order.get(self.state, _seq("bad sequence of commands")))
             return
         result = command.handler(self, arg.strip(" "))
+        if result is None:
+            return       # BDAT: the reply comes after the chunk's octets
         if isinstance(result, bytes):
             events.append(SendReply(result))
-        elif verb.upper() in JUNK_COMMANDS and self._too_much_junk():
+        elif command.junk and self._too_much_junk():
             self._reply(events, result, counts_as_error=True)
         else:
             self._reply(events, result)
+        if self.state is State.STARTING_TLS:
+            events.append(StartTLS())
         if self.state is State.CLOSED and not isinstance(events[-1], CloseConnection):
             events.append(CloseConnection())   # QUIT (an error past the limit closed already)
 
@@ -282,6 +322,46 @@ class SMTPConnection:
             self._end_of_data(pieces[0], events)
         return len(self._buf) - leftover
 
+    # --- BDAT (RFC 3030) -------------------------------------------------------
+
+    def _take_chunk(self, pos: int, events: list[Event]) -> int:
+        reader = self._chunks
+        with memoryview(self._buf) as view:
+            pieces, used = reader.feed(view[pos:])
+        for piece in pieces:
+            self._chunks_sent = True
+            events.append(MessageChunk(piece))
+        pos += used
+        if not reader.chunk_done:
+            return pos
+        self.commands_done += 1
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        if refusal is not None:
+            self.state = self._state_before_chunk
+            if self.state in _IN_TRANSACTION:
+                # The message lacks this chunk now: later chunks get 503 until MAIL.
+                self._abort_transaction(events, refusal)
+            else:
+                self._reply(events, refusal)
+        elif not self._chunk_last:
+            self.state = State.CHUNKING
+            self._reply(events, R.fill(R.CHUNK_RECEIVED, self._chunk_size))
+        elif reader.received_headers > MAX_RECEIVED_HEADERS:
+            self._abort_transaction(events, R.LOOP_DETECTED)
+        else:
+            self._end_of_data(reader.rest(), events)
+        return pos
+
+    def _chunk_refused_with(self, size: int) -> R.Reply | None:
+        if self.state in (State.RCPT, State.CHUNKING):
+            if self._chunks.size + size > self.config.max_size_bytes:
+                return R.MESSAGE_TOO_BIG
+            return None
+        # Refused as DATA would be: no HELO, no MAIL, no (valid) recipient.
+        return COMMANDS["DATA"].out_of_order.get(self.state, _seq("bad sequence of commands"))
+
+    # --- the end of a message ----------------------------------------------------
+
     def _end_of_data(self, content: bytes, events: list[Event]) -> None:
         envelope = Envelope(
             mail_from=self._mail_from.text,
@@ -290,6 +370,7 @@ class SMTPConnection:
             protocol=self._protocol_name(),
             client_address=self.client_address,
             body=self._body,
+            tls=self.tls,
         )
         self.state = State.STORING
         self._chunks_sent = False   # the session now owns them, with the last piece
@@ -310,9 +391,9 @@ class SMTPConnection:
         return events + self._process()
 
     def _protocol_name(self) -> str:
-        if self._smtputf8:
-            return "UTF8SMTP"
-        return "ESMTP" if self._esmtp else "SMTP"
+        # RFC 3848 (ESMTPS) and RFC 6531 §3.7.3 (UTF8SMTP, UTF8SMTPS).
+        name = "UTF8SMTP" if self._smtputf8 else "ESMTP" if self._esmtp else "SMTP"
+        return name + "S" if self.tls else name
 
     def _expect(self, state: State) -> None:
         if self.state is not state:
@@ -324,7 +405,9 @@ class SMTPConnection:
         self._smtputf8 = False
         self._body = "7BIT"
         self._framer = DataFramer(self.config.max_size_bytes, self.chunk_bytes)
+        self._chunks = ChunkReader(self.config.max_size_bytes, self.chunk_bytes)
         self._chunks_sent = False
+        self._chunk_refusal: R.Reply | None = None
 
     # --- command handlers -----------------------------------------------------------
 
@@ -340,7 +423,13 @@ class SMTPConnection:
         if not esmtp:
             return R.format_reply(250, [host])
         extensions = ["PIPELINING", f"SIZE {self.config.max_size_bytes}", "8BITMIME",
-                      "ENHANCEDSTATUSCODES", "SMTPUTF8", "HELP"]
+                      "ENHANCEDSTATUSCODES"]
+        if self.config.smtputf8:
+            extensions.append("SMTPUTF8")
+        extensions.append("CHUNKING")
+        if self.tls_available and not self.tls:
+            extensions.append("STARTTLS")
+        extensions.append("HELP")
         return R.format_reply(250, [host] + extensions)
 
     def do_helo(self, arg: str) -> R.Reply | bytes:
@@ -350,6 +439,8 @@ class SMTPConnection:
         return self._helo_or_ehlo(arg, esmtp=True)
 
     def do_mail(self, arg: str) -> R.Reply:
+        if self.config.tls_required and not self.tls:
+            return R.TLS_REQUIRED
         if not arg[:5].upper() == "FROM:":
             return R.fill(R.BAD_SYNTAX, "MAIL FROM:<address>")
         try:
@@ -384,7 +475,7 @@ class SMTPConnection:
             elif name == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     return R.fill(R.BAD_SYNTAX, "BODY=7BIT or BODY=8BITMIME")
-            elif name == "SMTPUTF8":
+            elif name == "SMTPUTF8" and self.config.smtputf8:
                 if value is not None:
                     return R.fill(R.BAD_SYNTAX, "SMTPUTF8 takes no value")
             else:
@@ -392,6 +483,12 @@ class SMTPConnection:
         return None
 
     def do_rcpt(self, arg: str) -> R.Reply:
+        reply = self._add_recipient(arg)
+        if reply.is_error and self.state is State.MAIL:
+            self.state = State.NO_RCPT   # DATA is now 554, not 503 (SPEC §5)
+        return reply
+
+    def _add_recipient(self, arg: str) -> R.Reply:
         if not arg[:3].upper() == "TO:":
             return R.fill(R.BAD_SYNTAX, "RCPT TO:<address>")
         try:
@@ -422,6 +519,36 @@ class SMTPConnection:
         self._framer = DataFramer(self.config.max_size_bytes, self.chunk_bytes)
         return R.START_DATA
 
+    def do_bdat(self, arg: str) -> R.Reply | None:
+        """RFC 3030: the chunk's octets are read whatever the answer; the reply comes
+        after them. A size that is not 1*DIGIT cannot be skipped: the connection
+        is closed, as nothing after it can be told from the chunk."""
+        size_text, _, marker = arg.partition(" ")
+        if not size_text or not set(size_text) <= _BDAT_SIZE_DIGITS:
+            self.state = State.CLOSED
+            return R.fill(R.BAD_SYNTAX, "BDAT chunk-size [LAST]")
+        size = int(size_text)
+        refusal = self._chunk_refused_with(size)
+        if marker.strip(" ").upper() not in ("", "LAST") and refusal is None:
+            refusal = R.BAD_BDAT_MARKER
+        self._chunk_refusal = refusal
+        self._chunk_size = size
+        self._chunk_last = marker.strip(" ").upper() == "LAST"
+        self._state_before_chunk = self.state
+        self._chunks.start_chunk(size, keep=refusal is None)
+        self.state = State.BDAT
+        return None
+
+    def do_starttls(self, arg: str) -> R.Reply:
+        if arg:
+            return R.fill(R.BAD_SYNTAX, "STARTTLS")
+        if self.tls:
+            return R.TLS_ALREADY_ACTIVE
+        if not self.tls_available:
+            return R.TLS_NOT_AVAILABLE
+        self.state = State.STARTING_TLS
+        return R.READY_FOR_TLS
+
     def do_rset(self, arg: str) -> R.Reply:
         if arg:
             return R.fill(R.BAD_SYNTAX, "RSET")
@@ -441,7 +568,7 @@ class SMTPConnection:
         return R.EXPN_DENIED
 
     def do_help(self, arg: str) -> R.Reply:
-        return R.HELP
+        return HELP
 
     def do_quit(self, arg: str) -> R.Reply:
         if arg:
@@ -452,27 +579,39 @@ class SMTPConnection:
 
 _ANY = _SESSION_STATES
 _NEED_HELO = _seq("send HELO/EHLO first")
+_IN_MAIL = _seq("MAIL transaction in progress")
+_AFTER_BDAT = _seq("BDAT transaction in progress (RSET to start over)")
 COMMANDS: dict[str, Command] = {
     "HELO": Command(SMTPConnection.do_helo, _ANY, {}),
     "EHLO": Command(SMTPConnection.do_ehlo, _ANY, {}),
+    "STARTTLS": Command(SMTPConnection.do_starttls, frozenset({State.CONNECTED, State.GREETED}),
+                        dict.fromkeys(_IN_TRANSACTION, _IN_MAIL)),
     "MAIL": Command(SMTPConnection.do_mail, frozenset({State.GREETED}), {
         State.CONNECTED: _NEED_HELO,
         State.MAIL: _seq("nested MAIL command"),
+        State.NO_RCPT: _seq("nested MAIL command"),
         State.RCPT: _seq("nested MAIL command"),
+        State.CHUNKING: _AFTER_BDAT,
     }),
-    "RCPT": Command(SMTPConnection.do_rcpt, frozenset({State.MAIL, State.RCPT}), {
+    "RCPT": Command(SMTPConnection.do_rcpt, frozenset({State.MAIL, State.NO_RCPT, State.RCPT}), {
         State.CONNECTED: _NEED_HELO,
         State.GREETED: _seq("need MAIL command"),
+        State.CHUNKING: _AFTER_BDAT,
     }),
     "DATA": Command(SMTPConnection.do_data, frozenset({State.RCPT}), {
         State.CONNECTED: _NEED_HELO,
-        State.GREETED: _seq("need RCPT command"),
-        State.MAIL: R.NO_VALID_RECIPIENTS,
+        State.GREETED: _seq("need MAIL command"),
+        State.MAIL: _seq("need RCPT command"),          # SPEC §5: no recipient given
+        State.NO_RCPT: R.NO_VALID_RECIPIENTS,           # given, and all refused
+        State.CHUNKING: _seq("DATA after BDAT in one transaction"),
     }),
-    "RSET": Command(SMTPConnection.do_rset, _ANY, {}),
-    "NOOP": Command(SMTPConnection.do_noop, _ANY, {}),
-    "VRFY": Command(SMTPConnection.do_vrfy, _ANY, {}),
+    # Read its octets in every state; refusals come from DATA's row above.
+    "BDAT": Command(SMTPConnection.do_bdat, _ANY, {}),
+    "RSET": Command(SMTPConnection.do_rset, _ANY, {}, junk=True),
+    "NOOP": Command(SMTPConnection.do_noop, _ANY, {}, junk=True),
+    "VRFY": Command(SMTPConnection.do_vrfy, _ANY, {}, junk=True),
     "EXPN": Command(SMTPConnection.do_expn, _ANY, {}),
     "HELP": Command(SMTPConnection.do_help, _ANY, {}),
     "QUIT": Command(SMTPConnection.do_quit, _ANY, {}),
 }
+HELP = R.fill(R.HELP, " ".join(COMMANDS))

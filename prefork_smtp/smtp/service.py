@@ -17,14 +17,14 @@ def router_for(config: Config) -> Router:
 
 class SMTPService:
     def __init__(self, context: WorkerContext):
+        self.context = context
         self.config = context.config
-        self.hooks = context.hooks
         self.router = router_for(context.config)
         self.committer = GroupCommitter(context.config.spool_dir, context.notify_delivery,
                                         context.hooks.broken)
 
     def new_session(self, listener: ListenAddress) -> SMTPSession:
-        return SMTPSession(self.config, self.router, self.committer, self.hooks)
+        return SMTPSession(self.context, listener, self.router, self.committer)
 
     async def close(self) -> None:
         await self.committer.drain()

@@ -20,6 +20,7 @@ class Envelope:
     mail_from: str                   # '' for the null reverse-path
     recipients: tuple[Recipient, ...]
     helo: str
-    protocol: str                    # for Received: "SMTP", "ESMTP", "UTF8SMTP" (RFC 6531 §3.7.3)
+    protocol: str                    # for Received: "ESMTP", "ESMTPS" (RFC 3848), "UTF8SMTP"...
     client_address: str
     body: str                        # "7BIT" or "8BITMIME"
+    tls: str | None = None           # "TLSv1.3 with cipher ...", for Received:; None: plain

@@ -54,9 +54,11 @@ def format_copy(envelope: Envelope, content: Iterable[bytes], *, queue_id: str,
     from_line = f"From {sender.replace(' ', '_') or 'MAILER-DAEMON'} {asctime(received_at)}\n"
     client = envelope.client_address
     literal = f"IPv6:{client}" if ":" in client else client
+    # As Postfix: the TLS comment (RFC 3848) between "from" and "by".
+    using = f"\t(using {envelope.tls})\n" if envelope.tls else ""
     trace = (
         f"Return-Path: <{sender}>\n"
-        f"Received: from {envelope.helo or 'unknown'} (unknown [{literal}])\n"
+        f"Received: from {envelope.helo or 'unknown'} (unknown [{literal}])\n{using}"
         f"\tby {hostname} (ccsmtp) with {envelope.protocol} id {queue_id}\n"
         f"\tfor <{recipient}>; {rfc2822_date(received_at)}\n"
     )
@@ -94,6 +96,7 @@ def _quote(lines: bytes) -> bytes:
 # Our own trace headers, right after a From_ line: content cannot forge this, as
 # every '^From ' line in content is quoted.
 _OUR_COPY = re.compile(rb"^From [^\n]*\nReturn-Path: [^\n]*\nReceived: [^\n]*\n"
+                       rb"(?:\t\(using [^\n]*\n)?"
                        rb"\tby [^\n]* \(ccsmtp\) with \w+ id ([0-9A-F]+)\n", re.MULTILINE)
 
 

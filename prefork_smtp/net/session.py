@@ -1,0 +1,305 @@
+"""What every session shares, whatever its protocol: one connection on the event loop.
+
+Owns: the transport and its life (the client's address, the per-client connection
+limit, the TLS handshake for implicit TLS and for STARTTLS/STLS, closing after a
+last reply), deadlines (a command must be complete within its timeout however
+slowly it trickles in; a shorter deadline takes effect at once), reading
+back-pressure, and turning unexpected exceptions into one log line and a closed
+connection instead of a dead worker.
+A protocol's session (SMTP, POP3, IMAP) subclasses StreamSession and fills in
+begin(), received(), on_deadline() and the replies it sends when refusing a
+connection; its sans-IO state machine never sees a socket.
+Must not: parse any protocol.
+
+TLS (SPEC §8): the handshake runs with the command timeout. Before it starts, the
+subclass has decided what to do with bytes it already read past the STARTTLS line
+(they are never executed); from the moment start_tls() is called nothing more is
+read in plain text, whatever the Python version does with its own buffers, because
+reading is paused in the same turn and asyncio's TLS layer takes over the socket.
+A failed handshake is one log line and a closed connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from ..config import Config, ListenAddress
+from ..service import SessionHooks, WorkerContext
+from .tcp import stream_transport
+from .tls import TLSInfo, describe
+
+# After our last reply, how long a client gets to close its end before we do.
+CLOSE_LINGER_S = 1.0
+
+log = logging.getLogger("ccsmtp.session")
+
+
+class StreamSession(asyncio.Protocol):
+    family = "?"                      # the service family, for counting (config.SERVICE_FAMILIES)
+    log = log
+
+    def __init__(self, context: WorkerContext, listener: ListenAddress):
+        self.context = context
+        self.config: Config = context.config
+        self.hooks: SessionHooks = context.hooks
+        self.listener = listener
+        # Counted from the moment asyncio accepted the socket, before connection_made:
+        # a worker that stops must not forget a connection it has taken from the queue.
+        self.hooks.opened(self)
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = "unknown"
+        self.tls: TLSInfo | None = None
+        self.handshaking = False
+        self._admitted = False
+        self._ended = False
+        self._closing = False
+        self._shutdown_requested = False
+        self._reading_paused = False
+        self._write_blocked = False
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- what a protocol's session fills in ---------------------------------------------
+
+    def begin(self) -> None:
+        """The connection is ready (and encrypted, on an implicit-TLS listener): greet."""
+        raise NotImplementedError
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the client (decrypted when TLS is on)."""
+        raise NotImplementedError
+
+    def on_deadline(self) -> None:
+        """The deadline passed: say goodbye (and close)."""
+        self.close_now()
+
+    def ended(self, exc: Exception | None) -> None:
+        """The connection is gone; release what the session holds."""
+
+    def busy(self) -> bool:
+        """Work for the client is under way (a message being stored): deadlines wait."""
+        return False
+
+    def wants_pause(self) -> bool:
+        """Input should wait (work under way, replies not yet read, input not yet used)."""
+        return False
+
+    def refusal(self, why: str) -> bytes:
+        """The one reply sent to a connection refused at once: why is "too many
+        connections" or "shutting down"."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Graceful stop of the server: idle sessions close now (override to say so)."""
+        self._shutdown_requested = True
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = stream_transport(transport)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else "unknown"
+        self._guarded(self._open)
+
+    def _open(self) -> None:
+        self.log.info("connect from [%s]%s", self.client_ip,
+                      f" to {self.listener.service}" if self.family != "smtp" or
+                      self.listener.implicit_tls else "")
+        if not self.hooks.admit(self.client_ip):
+            self._admitted = True      # counted by admit(): released when it ends
+            self.log.warning("too many connections from [%s]", self.client_ip)
+            self._refuse("too many connections")
+            return
+        self._admitted = True
+        if self._shutdown_requested:   # accepted just as the worker began to stop
+            self._refuse("shutting down")
+            return
+        if self.listener.implicit_tls:
+            self.start_tls(self.begin)
+        else:
+            self.begin()
+
+    def _refuse(self, why: str) -> None:
+        assert self.transport is not None
+        if not self.listener.implicit_tls:   # no TLS yet: nothing can be said in clear
+            self.transport.write(self.refusal(why))
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended or self.handshaking:
+            return
+        self._guarded(lambda: self.received(data))
+
+    def eof_received(self) -> bool | None:
+        return False   # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+
+    def pause_writing(self) -> None:
+        self._write_blocked = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self.update_reading()
+
+    def _end(self, exc: Exception | None) -> None:
+        """Once per connection: connection_lost does not come after a handshake that
+        the client abandoned, so the handshake's failure path comes here too."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.hooks.closed(self)
+        if self._admitted:
+            self.hooks.release(self.client_ip)
+        self.ended(exc)
+
+    # --- writing and closing ----------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return (self.transport is not None and not self._ended
+                and not self.transport.is_closing())
+
+    def write(self, data: bytes) -> None:
+        if self.is_open:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def close_after_reply(self) -> None:
+        """Close after the last reply, but give the client CLOSE_LINGER_S to read it:
+        closing with its input unread would send a reset, and it could lose the reply.
+        A plain connection half-closes and reads on until the client closes; TLS has
+        no half-close, so its close_notify goes out with the reply."""
+        transport = self.transport
+        if transport is None or self._ended:
+            return
+        self._closing = True
+        self.update_reading()
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except OSError:            # the client has gone already (ENOTCONN)
+                transport.close()
+                return
+        else:
+            transport.close()
+        # abort, not close: close() waits for the output to drain, and a client that
+        # never reads would hold the connection for ever.
+        asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
+
+    def close_now(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- TLS ----------------------------------------------------------------------------
+
+    @property
+    def tls_available(self) -> bool:
+        """A certificate is configured (so STARTTLS/STLS can be offered)."""
+        return self.context.tls is not None
+
+    def start_tls(self, then: Callable[[], None]) -> None:
+        """Hand the connection to TLS now; call then() once it is encrypted. The
+        caller has already dealt with input read past the command that asked for it."""
+        assert self.context.tls is not None and self.transport is not None
+        self.handshaking = True
+        self.update_reading()          # this turn: not one more byte in plain text
+        asyncio.get_running_loop().create_task(self._handshake(then))
+
+    async def _handshake(self, then: Callable[[], None]) -> None:
+        assert self.context.tls is not None and self.transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, self.context.tls, server_side=True,
+                ssl_handshake_timeout=self.config.timeout_command_s)
+        except (OSError, asyncio.TimeoutError, EOFError) as e:
+            self.log.info("TLS handshake failed with [%s]: %s", self.client_ip, _reason(e))
+            self._end(e)
+            return
+        if transport is None or self._ended:   # the client left as it finished
+            self._end(None)
+            return
+        self.transport = transport
+        self._reading_paused = False   # the TLS transport starts out reading
+        self.handshaking = False
+        self.tls = describe(transport.get_extra_info("ssl_object"))
+        self.log.debug("TLS with [%s]: %s", self.client_ip, self.tls)
+        self._guarded(then)
+
+    # --- flow control and deadlines ---------------------------------------------------
+
+    def update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        want_paused = (self.handshaking or (
+            (self._write_blocked or self.wants_pause()) and not self._closing))
+        if want_paused and not self._reading_paused:
+            transport.pause_reading()
+        elif not want_paused and self._reading_paused:
+            transport.resume_reading()
+        self._reading_paused = want_paused
+
+    def set_deadline(self, seconds: float) -> None:
+        """The client has `seconds` from now for what it is doing. A deadline, not an
+        idle timer: bytes trickling in do not move it; only the next set_deadline does."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + seconds
+        if self._timer is not None and self._timer.when() <= self._deadline:
+            return    # it fires first and finds the deadline moved: it sleeps on
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(self._deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._ended:
+            return
+        loop = asyncio.get_running_loop()
+        remaining = self._deadline - loop.time()
+        if remaining > 0 or self.busy() or self.handshaking:
+            # Not ours to time out while working (or while TLS has its own timeout).
+            self._timer = loop.call_later(remaining if remaining > 0 else 1.0,
+                                          self._check_deadline)
+            return
+        self._guarded(self.on_deadline)
+
+    # --- failures -----------------------------------------------------------------------
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except MemoryError:
+            # Not a bug to trace: this process is out of memory; it retires.
+            self.log.error("out of memory in session with [%s]", self.client_ip)
+            self.hooks.broken("out of memory")
+            self.fail()
+        except Exception:
+            self.log.exception("internal error in session with [%s]", self.client_ip)
+            self.fail()
+
+    def fail(self) -> None:
+        """After an internal error: tell the client (the protocol's temporary-failure
+        reply) and close."""
+        self.close_now()
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, asyncio.TimeoutError) or "taking longer" in str(error):
+        return "timed out"
+    if isinstance(error, ConnectionResetError) or not str(error):
+        return "connection closed by client"
+    reason = getattr(error, "reason", None)
+    return str(reason or error).splitlines()[0][:200]
