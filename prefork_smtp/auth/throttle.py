@@ -43,7 +43,8 @@ IPV6_PREFIX_BITS = 48                 # Dovecot auth-penalty.c
 ENTRY = struct.Struct("=QdI4x")       # address key (0 = empty), last failure (monotonic s), failures
 ENTRIES_PER_REGION = 1024             # addresses one worker can hold within 5 minutes
 MAX_KEYS = ENTRIES_PER_REGION * 3 // 4   # keep probe chains short
-REBUILD_KEEP = ENTRIES_PER_REGION // 2   # a full region is rebuilt down to this many
+REBUILD_KEEP = ENTRIES_PER_REGION // 2   # a full region is rebuilt down to this many...
+REBUILD_ABOVE = (MAX_KEYS + REBUILD_KEEP) // 2   # ...if more than this are still live
 MAX_REGIONS = 256                     # slots beyond this record nothing (fail open)
 REGION_BYTES = ENTRY.size * ENTRIES_PER_REGION
 MAX_COUNT = 64                        # the delay stopped growing long before
@@ -175,7 +176,9 @@ class ThrottleRegion:
         """Entries are never removed one by one (that would cut probe chains): drop the
         forgotten ones, then the stalest, and write the region anew in one copy."""
         live = {k: v for k, v in self.entries.items() if now - v[1] < FORGET_S}
-        if len(live) >= MAX_KEYS:
+        # Leave room for a good many inserts before the next rebuild, so a flood of new
+        # addresses costs one 24 KiB copy per hundred-odd failures, not one per failure.
+        if len(live) > REBUILD_ABOVE:
             newest = sorted(live.items(), key=lambda item: item[1][1])[-REBUILD_KEEP:]
             live = dict(newest)
         table = bytearray(REGION_BYTES)
