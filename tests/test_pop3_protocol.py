@@ -922,6 +922,15 @@ def test_timed_out_while_sending_says_nothing(mode):
     assert client.answer("message_sent") == []          # a late answer is dropped
 
 
+@pytest.mark.parametrize("answer", ["login_ok", "login_failed"])
+def test_a_password_check_that_outlives_a_timeout_is_dropped(mode, answer):
+    client = Client(mode, auto=False)
+    client.send(LOGIN)
+    assert client.answer("timed_out") == [S_TIMEOUT, P.CloseConnection()]
+    assert client.answer(answer) == []
+    assert not any(isinstance(e, P.OpenMaildrop) for e in client.log)
+
+
 def test_message_failed_closes_without_a_reply(mode):
     client = logged_in(mode, auto=False)
     client.send(b"DELE 2\r\nRETR 1\r\nQUIT\r\n")

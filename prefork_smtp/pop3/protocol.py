@@ -11,7 +11,9 @@ maildrop_opened(), message_sent(), committed(), ...). STLS ends this object's li
 the session does the handshake and makes a new one with tls=True.
 
 Fails closed: any input yields replies, never an exception; calling a session method
-when the protocol is not waiting for it is a bug in the caller and raises RuntimeError.
+when the protocol is not waiting for it is a bug in the caller and raises RuntimeError
+(except after CloseConnection: a late answer, say from a password check that outlived
+a timeout, is dropped).
 A password is handed out (CheckLogin) only when plaintext logins are allowed.
 """
 
@@ -226,9 +228,8 @@ class POP3Connection:
     def login_ok(self, user: str | None = None) -> list[Event]:
         """The password was right. user: the normalised name to open (default: the name
         as the client typed it)."""
-        if self.state is State.CLOSED:
+        if not self._answered(Trigger.LOGIN_OK):
             return []
-        self._transition(Trigger.LOGIN_OK)
         if self._shutting_down:
             return self._close_with(R.SHUTTING_DOWN)
         self.user = user if user is not None else self._login_user
@@ -236,9 +237,8 @@ class POP3Connection:
 
     def login_failed(self, reason: LoginFailure = LoginFailure.BAD_CREDENTIALS) -> list[Event]:
         """The login was refused; the session has already applied its delay."""
-        if self.state is State.CLOSED:
+        if not self._answered(Trigger.LOGIN_FAILED):
             return []
-        self._transition(Trigger.LOGIN_FAILED)
         self._login_user = None
         events: list[Event] = []
         if reason is LoginFailure.TEMPORARY:
@@ -251,9 +251,8 @@ class POP3Connection:
         """The mailbox is locked for us; messages: (octets, uidl) of each message at
         login, in order. Octets count line ends as CRLF and exclude dot-stuffing."""
         sizes, uidls = _check_snapshot(messages)
-        if self.state is State.CLOSED:
+        if not self._answered(Trigger.MAILDROP_OPENED):
             return []
-        self._transition(Trigger.MAILDROP_OPENED)
         self._sizes, self._uidls = sizes, uidls
         self._deleted = set()
         self.error_count = 0       # a fresh start after login, as in Dovecot's pop3 process
@@ -263,9 +262,8 @@ class POP3Connection:
 
     def maildrop_failed(self, in_use: bool) -> list[Event]:
         """The mailbox could not be opened: in use by another POP3 session, or an error."""
-        if self.state is State.CLOSED:
+        if not self._answered(Trigger.MAILDROP_FAILED):
             return []
-        self._transition(Trigger.MAILDROP_FAILED)
         self.user = self._login_user = None
         events: list[Event] = []
         self._reply(events, R.IN_USE if in_use else R.MAILDROP_FAILED, counts=False)
@@ -273,31 +271,27 @@ class POP3Connection:
 
     def message_sent(self) -> list[Event]:
         """The SendMessage content and its '.' line are written."""
-        if self.state is State.CLOSED:
+        if not self._answered(Trigger.MESSAGE_SENT):
             return []
-        self._transition(Trigger.MESSAGE_SENT)
         return self._resume([])
 
     def message_failed(self) -> list[Event]:
         """The message could not be read part way through: nothing can be said inside a
         multi-line response, so the connection is closed (and nothing is deleted)."""
-        if self.state is State.CLOSED:
+        if not self._answered(Trigger.MESSAGE_FAILED):
             return []
-        self._transition(Trigger.MESSAGE_FAILED)
         return [CloseConnection()]
 
     def committed(self) -> list[Event]:
         """The Commit's messages are removed: +OK and close (RFC 1939 §6)."""
-        if self.state is State.CLOSED:
+        if not self._answered(Trigger.COMMITTED):
             return []
-        self._transition(Trigger.COMMITTED)
         return [SendReply(bytes(R.BYE)), CloseConnection()]
 
     def commit_failed(self) -> list[Event]:
         """Some or all of the Commit's messages are still there: -ERR and close."""
-        if self.state is State.CLOSED:
+        if not self._answered(Trigger.COMMIT_FAILED):
             return []
-        self._transition(Trigger.COMMIT_FAILED)
         return [SendReply(bytes(R.COMMIT_FAILED), True), CloseConnection()]
 
     def timed_out(self) -> list[Event]:
@@ -421,6 +415,14 @@ class POP3Connection:
 
     def _send(self, events: list[Event], data: bytes) -> None:
         events.append(SendReply(data))
+
+    def _answered(self, trigger: Trigger) -> bool:
+        """Take the session's answer; False if the connection was closed meanwhile
+        (timed_out(), shutdown()), when a late answer is simply dropped."""
+        if self.state is State.CLOSED:
+            return False
+        self._transition(trigger)
+        return True
 
     def _transition(self, trigger: Trigger) -> None:
         """The one place the state changes. A pair missing from TRANSITIONS is a call
