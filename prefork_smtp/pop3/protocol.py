@@ -148,9 +148,9 @@ class Commit:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StartTLS:
-    """Write everything before this, then start the TLS handshake. Bytes the client
-    sent after STLS (POP3Connection.unprocessed) must never be executed: discard them,
-    or close, and log it. After the handshake make a new POP3Connection with tls=True
+    """Write everything before this, stop reading plaintext, then start the TLS
+    handshake. Bytes the client sent after STLS (POP3Connection.unprocessed, which
+    feed() keeps adding to) must never be executed: discard them, or close, and log it. After the handshake make a new POP3Connection with tls=True
     and do not greet again (RFC 2595 §4)."""
 
 
