@@ -24,12 +24,14 @@ import json  # noqa: F401
 
 from . import config as configuration
 from . import credentials, logs
+from .auth.throttle import Throttle
 from .layout import SCOREBOARD, state_path
 from .process import listeners as listening
 from .process import privileges
 from .process.anvil import Anvil
 from .process.master import Master
 from .process.scoreboard import Scoreboard
+from .process.shared import SharedMemory
 from .services import SERVICES
 from .store import spool
 
@@ -118,14 +120,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         _die(1, e)
     if removed:
         log.info("removed %d unfinished queue file(s) left by a crash", removed)
-    scoreboard = Scoreboard(state_path(config.spool_dir, SCOREBOARD), create=True)
-    anvil = Anvil()
+    shared = SharedMemory(Scoreboard(state_path(config.spool_dir, SCOREBOARD), create=True),
+                          Anvil(), Throttle())
 
     def reload() -> configuration.Config:
         return configuration.build(cli_values, args.config)
 
     try:
-        return Master(config, listeners, SERVICES, loaded, scoreboard, anvil, reload).run()
+        return Master(config, listeners, SERVICES, loaded, shared, reload).run()
     finally:
         _remove_pidfile(config.pidfile)
 

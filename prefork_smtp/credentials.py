@@ -1,5 +1,5 @@
-"""What the master reads from files for the workers: the TLS certificate (and, as
-services join, the users file).
+"""What the master reads from files for the workers: the TLS certificate and the
+users file.
 
 Owns: loading them at start, as root, before privileges are dropped (so a key only
 root can read works), and again on SIGHUP as the unprivileged user, when a file that
@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import ssl
 
+from .auth.users import Users, UsersFileError, load_users
 from .config import Config
 from .net import tls
 
@@ -27,33 +28,43 @@ class CredentialsError(Exception):
 @dataclasses.dataclass(frozen=True)
 class Credentials:
     tls: ssl.SSLContext | None = None
-    tls_files: tuple[str, str] | None = None   # (cert, key) the context was made from
+    users: Users | None = None
 
 
 def load(config: Config) -> Credentials:
     """At start: every configured file must be usable."""
-    if not config.tls_cert or not config.tls_key:
-        return Credentials()
     try:
-        context = tls.server_context(config.tls_cert, config.tls_key)
-    except tls.TLSConfigError as e:
+        context = _tls(config)
+        users = load_users(config.users_file) if config.users_file else None
+    except (tls.TLSConfigError, UsersFileError) as e:
         raise CredentialsError(e) from None
-    return Credentials(context, (config.tls_cert, config.tls_key))
+    return Credentials(context, users)
 
 
 def reload(config: Config, old: Credentials) -> Credentials:
     """On SIGHUP: read the files again; what cannot be read keeps its old version."""
-    if not config.tls_cert or not config.tls_key:
-        if old.tls is not None:
-            log.info("SIGHUP: no tls_cert any more: TLS is off for new connections")
-        return Credentials()
     try:
-        context = tls.server_context(config.tls_cert, config.tls_key)
+        context = _tls(config)
+        if context is not None:
+            log.info("SIGHUP: TLS certificate %s loaded", config.tls_cert)
+        elif old.tls is not None:
+            log.info("SIGHUP: no tls_cert any more: TLS is off for new connections")
     except tls.TLSConfigError as e:
-        if old.tls is None:
-            log.error("SIGHUP: cannot use the new certificate (%s); TLS stays off", e)
-        else:
-            log.error("SIGHUP: cannot use the new certificate (%s); keeping the one in use", e)
-        return old
-    log.info("SIGHUP: TLS certificate %s loaded", config.tls_cert)
-    return Credentials(context, (config.tls_cert, config.tls_key))
+        context = old.tls
+        log.error("SIGHUP: cannot use the new certificate (%s); %s", e,
+                  "TLS stays off" if old.tls is None else "keeping the one in use")
+    try:
+        users = load_users(config.users_file) if config.users_file else None
+        if users is not None:
+            log.info("SIGHUP: %d user(s) read from %s", len(users), config.users_file)
+    except UsersFileError as e:
+        users = old.users
+        log.error("SIGHUP: %s; keeping the %d user(s) read before", e,
+                  len(old.users) if old.users is not None else 0)
+    return Credentials(context, users)
+
+
+def _tls(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_cert or not config.tls_key:
+        return None
+    return tls.server_context(config.tls_cert, config.tls_key)

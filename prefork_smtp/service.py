@@ -14,9 +14,12 @@ import asyncio
 import dataclasses
 import socket
 import ssl
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from .config import Config, ListenAddress
+
+if TYPE_CHECKING:
+    from .auth.login import LoginChecker
 
 
 class Session(Protocol):
@@ -67,6 +70,7 @@ class WorkerContext:
     hooks: SessionHooks
     notify_delivery: socket.socket | None   # a datagram here wakes the delivery process
     tls: ssl.SSLContext | None = None       # the server's TLS context, if it has a certificate
+    login: "LoginChecker | None" = None     # checks user names and passwords (POP3, IMAP)
 
 
 class RunningService(Protocol):

@@ -1,8 +1,8 @@
 """What every session shares, whatever its protocol: one connection on the event loop.
 
-Owns: the transport and its life (the client's address, the per-client connection
-limit, the TLS handshake for implicit TLS and for STARTTLS/STLS, closing after a
-last reply), deadlines (a command must be complete within its timeout however
+Owns: the transport and its life (the client's address, from a PROXY header when the
+connection comes from `proxy_from`; the per-client connection limit; the TLS
+handshake for implicit TLS and for STARTTLS/STLS; closing after a last reply), deadlines (a command must be complete within its timeout however
 slowly it trickles in; a shorter deadline takes effect at once), reading
 back-pressure, and turning unexpected exceptions into one log line and a closed
 connection instead of a dead worker.
@@ -17,16 +17,27 @@ subclass has decided what to do with bytes it already read past the STARTTLS lin
 read in plain text, whatever the Python version does with its own buffers, because
 reading is paused in the same turn and asyncio's TLS layer takes over the socket.
 A failed handshake is one log line and a closed connection.
+
+PROXY (SPEC §11): a connection from a `proxy_from` network must start with a PROXY
+header, which is read before anything else and never again. It is read from the
+kernel's buffer with MSG_PEEK and only its own octets are taken, so whatever follows
+it (an SMTP command, a TLS ClientHello on an implicit-TLS listener) is left for the
+layer it belongs to. Missing, malformed, or incomplete after 5 s: one log line and
+the connection is closed without a greeting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from typing import Callable
 
 from ..config import Config, ListenAddress
 from ..service import SessionHooks, WorkerContext
+from .proxy import HEADER_TIMEOUT_S, V2_FIXED_LENGTH, V2_MAX_HEADER, NeedMore, ProxyError
+from .proxy import ProxyHeaderParser
 from .tcp import stream_transport
 from .tls import TLSInfo, describe
 
@@ -101,7 +112,10 @@ class StreamSession(asyncio.Protocol):
         self.transport = stream_transport(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
-        self._guarded(self._open)
+        if self._from_proxy():
+            self._guarded(self._read_proxy_header)
+        else:
+            self._guarded(self._open)
 
     def _open(self) -> None:
         self.log.info("connect from [%s]%s", self.client_ip,
@@ -120,6 +134,66 @@ class StreamSession(asyncio.Protocol):
             self.start_tls(self.begin)
         else:
             self.begin()
+
+    # --- PROXY protocol (SPEC §11) -----------------------------------------------------
+
+    def _from_proxy(self) -> bool:
+        if not self.config.proxy_from:
+            return False
+        try:
+            address = ipaddress.ip_address(self.client_ip)
+        except ValueError:
+            return False
+        address = getattr(address, "ipv4_mapped", None) or address
+        return any(address in network for network in self.config.proxy_from)
+
+    def _read_proxy_header(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()       # asyncio must not read past the header
+        self._reading_paused = True
+        raw = self.transport.get_extra_info("socket").dup()
+        raw.setblocking(False)
+        parser = ProxyHeaderParser()
+        loop = asyncio.get_running_loop()
+        proxy = self.client_ip
+
+        def finish(problem: str | None) -> None:
+            loop.remove_reader(raw.fileno())
+            timer.cancel()
+            raw.close()
+            if problem is not None:
+                self.log.warning("no valid PROXY header from proxy [%s]: %s", proxy, problem)
+                self.abort()
+                self._end(None)
+            else:
+                self._guarded(self._open)
+
+        def readable() -> None:
+            try:
+                data = raw.recv(V2_FIXED_LENGTH + V2_MAX_HEADER, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                finish(f"connection error: {e.strerror}")
+                return
+            if not data:
+                finish("connection closed before the header")
+                return
+            result = parser.feed(data)
+            if isinstance(result, NeedMore):
+                raw.recv(len(data))          # all of it is header: take it, wait for more
+            elif isinstance(result, ProxyError):
+                finish(result.reason)
+            else:
+                raw.recv(len(data) - len(result.leftover))   # the header, not one byte more
+                if result.source is not None:
+                    self.client_ip = result.source.host
+                self.log.debug("PROXY header from [%s]: client [%s]", proxy, self.client_ip)
+                finish(None)
+
+        timer = loop.call_later(HEADER_TIMEOUT_S, lambda: finish(
+            f"incomplete after {HEADER_TIMEOUT_S:.0f} s"))
+        loop.add_reader(raw.fileno(), readable)
 
     def _refuse(self, why: str) -> None:
         assert self.transport is not None
@@ -294,6 +368,17 @@ class StreamSession(asyncio.Protocol):
         """After an internal error: tell the client (the protocol's temporary-failure
         reply) and close."""
         self.close_now()
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1 (also as ::ffff:127.x): where a password may come in plain
+    text (SPEC §9). Behind PROXY, ip is the proxied client's."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def _reason(error: BaseException) -> str:

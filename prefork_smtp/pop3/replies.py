@@ -116,3 +116,5 @@ TOO_MANY_ERRORS = Reply(False, "Too many errors, closing connection.")
 # RFC 1939 §3 lets the server close silently at autologout; Dovecot says why, and so do we.
 TIMEOUT = Reply(False, "Disconnected for inactivity.")
 SHUTTING_DOWN = Reply(False, "Server shutting down.", "SYS/TEMP")
+TOO_MANY_CONNECTIONS = Reply(False, "Too many connections from your address.", "SYS/TEMP")
+INTERNAL_ERROR = Reply(False, "Internal error, try again later.", "SYS/TEMP")

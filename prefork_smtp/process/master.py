@@ -29,9 +29,9 @@ from .. import credentials, logs
 from ..config import Config
 from ..service import Service
 from ..store.delivery import Delivery
-from .anvil import Anvil
 from .listeners import Listener
-from .scoreboard import DELIVERY, WORKER, Scoreboard
+from .scoreboard import DELIVERY, WORKER
+from .shared import SharedMemory
 from .worker import WORKER_BOOT_ERROR, Worker
 
 log = logging.getLogger("ccsmtp.master")
@@ -66,14 +66,15 @@ class Child:
 
 class Master:
     def __init__(self, config: Config, listeners: list[Listener], services: Mapping[str, Service],
-                 loaded: credentials.Credentials, scoreboard: Scoreboard, anvil: Anvil,
+                 loaded: credentials.Credentials, shared: SharedMemory,
                  reload_config: Callable[[], Config]):
         self.config = config
         self.listeners = listeners
         self.services = services
         self.credentials = loaded
-        self.scoreboard = scoreboard
-        self.anvil = anvil
+        self.shared = shared
+        self.scoreboard = shared.scoreboard
+        self.anvil = shared.anvil
         self.reload_config = reload_config
         self.pid = os.getpid()
         self.num_workers = config.workers
@@ -198,7 +199,7 @@ class Master:
     def spawn_worker(self, worker_id: int) -> None:
         def body(slot: int) -> int:
             return Worker(worker_id, slot, self.config, self.listeners, self.services,
-                          self.credentials, self.scoreboard, self.anvil, self.notify_send,
+                          self.credentials, self.shared, self.notify_send,
                           self.status_send, self.pid).run()
         self._fork(WORKER, worker_id, body)
 

@@ -28,12 +28,15 @@ import psutil
 from setproctitle import setproctitle
 
 from .. import logs
+from ..auth.login import LoginChecker
+from ..auth.throttle import ThrottleRegion
 from ..config import SERVICE_FAMILIES, Config, ListenAddress
 from ..credentials import Credentials
 from ..service import RunningService, Service, SessionHooks, WorkerContext
-from .anvil import Anvil, AnvilRegion
+from .anvil import AnvilRegion
 from .listeners import Listener
 from .scoreboard import Scoreboard
+from .shared import SharedMemory
 
 log = logging.getLogger("ccsmtp.worker")
 
@@ -93,7 +96,7 @@ class WorkerHooks(SessionHooks):
 class Worker:
     def __init__(self, worker_id: int, slot: int, config: Config,
                  listeners: list[Listener], services: Mapping[str, Service],
-                 loaded: Credentials, scoreboard: Scoreboard, anvil: Anvil,
+                 loaded: Credentials, shared: SharedMemory,
                  notify: socket.socket | None,
                  status: socket.socket | None, master_pid: int):
         self.worker_id = worker_id
@@ -103,11 +106,12 @@ class Worker:
         self.services = services
         self.credentials = loaded
         self.notify = notify
-        self.scoreboard = scoreboard
+        self.shared = shared
+        self.scoreboard = shared.scoreboard
         self.master_pid = master_pid
         self.status = status
-        self.hooks = WorkerHooks(config.max_connections_per_client, AnvilRegion(anvil, slot),
-                                 scoreboard)
+        self.hooks = WorkerHooks(config.max_connections_per_client,
+                                 AnvilRegion(shared.anvil, slot), shared.scoreboard)
         self.hooks.on_broken = self._broke
         self.sessions_served = 0
         self.max_sessions = self._jittered(config.max_sessions_per_worker)
@@ -145,8 +149,10 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self.stop, FAST)
         loop.add_signal_handler(signal.SIGUSR2, self.stop, RETIRE)
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
+        login = LoginChecker(self.credentials.users, ThrottleRegion(self.shared.throttle, self.slot),
+                             self.config.domains)
         context = WorkerContext(self.worker_id, self.config, self.hooks, self.notify,
-                                tls=self.credentials.tls)
+                                tls=self.credentials.tls, login=login)
         running: dict[str, RunningService] = {}
         for listener in self.listeners:
             service = self.services[listener.address.service]
@@ -173,6 +179,7 @@ class Worker:
         heartbeat.cancel()
         for service in running.values():
             await service.close()
+        login.close()
 
     def _broke(self, why: object) -> None:
         log.error("worker %d is short of resources (%s): retiring it", self.worker_id, why)
