@@ -415,6 +415,10 @@ def _check_together(values: Mapping[str, Any]) -> None:
                               "tls_key, or listen without TLS)")
         if values.get("tls_required"):
             raise ConfigError("tls_required: needs a certificate (set tls_cert and tls_key)")
+    readers = [str(a) for a in values["listen"] if not a.service.startswith("smtp")]
+    if readers and not values.get("users_file"):
+        raise ConfigError(f"listen: {readers[0]} needs users_file (the users who may log in; "
+                          "make it with ccsmtp-passwd)")
 
 
 def _parse_all(raw: Mapping[str, Any], where: str) -> dict[str, Any]:

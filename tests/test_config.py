@@ -340,3 +340,10 @@ def test_delivery_targets(text, kind, host, port, path):
 def test_proxy_from_networks():
     cfg = config.build({"proxy_from": ["127.0.0.1", "10.0.0.0/8", "::1"]})
     assert [str(n) for n in cfg.proxy_from] == ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]
+
+
+def test_pop3_and_imap_listeners_need_a_users_file():
+    message = error_for({"listen": ["127.0.0.1:2525", "pop3://127.0.0.1:1100"]})
+    assert message.startswith("listen") and "pop3://127.0.0.1:1100" in message and "users_file" in message
+    cfg = config.build({"listen": ["imap://127.0.0.1:1430"], "users_file": "users"})
+    assert cfg.listen[0].service == "imap"
