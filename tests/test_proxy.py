@@ -264,6 +264,20 @@ def test_limits_are_the_specs():
     assert len(GOOD[-1][1]) == P.V2_MAX_HEADER
 
 
+NETWORKS = tuple(ipaddress.ip_network(n) for n in ("127.0.0.1/32", "10.0.0.0/8", "2001:db8::/32"))
+
+
+@pytest.mark.parametrize("peer, expected", [
+    ("127.0.0.1", True), ("127.0.0.2", False), ("10.1.2.3", True), ("192.0.2.1", False),
+    ("::ffff:10.1.2.3", True), ("::ffff:192.0.2.1", False), ("2001:db8::25", True),
+    ("2001:db9::25", False), ("::1", False), ("2001:db8::1%eth0", True), ("", False),
+    ("unknown", False), ("/run/ccsmtp.sock", False),
+])
+def test_from_proxy(peer, expected):
+    assert P.from_proxy(peer, NETWORKS) is expected
+    assert P.from_proxy(peer, ()) is False
+
+
 # --- malformed input -------------------------------------------------------------------
 
 @pytest.mark.parametrize("data, words, at", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
