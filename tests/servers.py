@@ -33,6 +33,7 @@ import grp
 import ipaddress
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -262,9 +263,7 @@ class Dovecot:
         maildir = self.home(user) / "Maildir"
         files = [p for sub in ("new", "cur") if (maildir / sub).is_dir()
                  for p in (maildir / sub).iterdir()]
-        # Maildir names start with the delivery time (seconds, then M<microseconds>).
-        files.sort(key=lambda p: (int(p.name.split(".")[0]),
-                                  int(p.name.split(".")[1].split("P")[0].lstrip("M") or 0)))
+        files.sort(key=_maildir_order)
         return [p.read_bytes() for p in files]
 
     def wait_for_messages(self, user: str, count: int, timeout: float = 10.0) -> list[bytes]:
@@ -281,6 +280,12 @@ class Dovecot:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+def _maildir_order(path: Path) -> tuple[int, int, str]:
+    """Dovecot's Maildir names start with the delivery time: SECONDS.M<usec>P<pid>..."""
+    match = re.match(r"(\d+)\.M(\d+)", path.name)
+    return (int(match.group(1)), int(match.group(2)), path.name) if match else (0, 0, path.name)
 
 
 def dovecot_config(root: Path, accounts: Accounts, lmtp_port: int, imap_port: int | None) -> str:

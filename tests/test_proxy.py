@@ -26,7 +26,7 @@ SMTP_TAIL = b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n"
 TLS_TAIL = bytes.fromhex("160301020001") + bytes(range(256))     # a ClientHello's start
 LONGEST_V1 = ("PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff "
               "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n").encode()
-LONGEST_TCP6 = LONGEST_V1.replace(b"UNKNOWN", b"TCP6")[1:].replace(b"ROXY", b"PROXY", 1)
+LONGEST_TCP6 = LONGEST_V1.replace(b"UNKNOWN", b"TCP6")       # 104 octets (spec §2.1)
 FULL6 = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
 V2_SOURCE, V2_DEST = ("192.0.2.1", 56324), ("198.51.100.2", 25)
 V2_GOOD = proxy_v2(V2_SOURCE, V2_DEST)
@@ -261,7 +261,21 @@ def test_crc32c_known_answer():
 def test_limits_are_the_specs():
     assert len(LONGEST_V1) == P.V1_MAX_LINE == 107
     assert len(LONGEST_TCP6) == 104
-    assert len(GOOD[-1][1]) == P.V2_MAX_HEADER
+    assert len(dict((c[0], c[1]) for c in GOOD)["v2 at the size cap"]) == P.V2_MAX_HEADER
+
+
+NETWORKS = tuple(ipaddress.ip_network(n) for n in ("127.0.0.1/32", "10.0.0.0/8", "2001:db8::/32"))
+
+
+@pytest.mark.parametrize("peer, expected", [
+    ("127.0.0.1", True), ("127.0.0.2", False), ("10.1.2.3", True), ("192.0.2.1", False),
+    ("::ffff:10.1.2.3", True), ("::ffff:192.0.2.1", False), ("2001:db8::25", True),
+    ("2001:db9::25", False), ("::1", False), ("2001:db8::1%eth0", True), ("", False),
+    ("unknown", False), ("/run/ccsmtp.sock", False),
+])
+def test_from_proxy(peer, expected):
+    assert P.from_proxy(peer, NETWORKS) is expected
+    assert P.from_proxy(peer, ()) is False
 
 
 # --- malformed input -------------------------------------------------------------------

@@ -16,8 +16,9 @@ What the caller (the session) owns, by SPEC §11 and the spec's §2 and §5:
   bytes arrived in the same reads as the header but are not part of it.
 
 Usage:
-    parser = ProxyHeaderParser()
-    result = parser.feed(data)      # for each read, until the result is not NEED_MORE
+    if from_proxy(peer_host, config.proxy_from):
+        parser = ProxyHeaderParser()
+        result = parser.feed(data)  # for each read, until the result is not NEED_MORE
     NeedMore      -> read more (until the deadline)
     ProxyHeader   -> result.source: Address(host, port), or None = use the socket's peer
                      (v1 UNKNOWN; v2 LOCAL, UNSPEC, AF_UNIX); result.leftover
@@ -34,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-from typing import NamedTuple, Union
+from typing import Iterable, NamedTuple, Union
 
 # SPEC §11: a connection from a proxy network has this long to send its header.
 HEADER_TIMEOUT_S = 5.0
@@ -116,6 +117,20 @@ _V1_IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")     # shape only; ipaddress checks
 _V1_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 _V1_FAMILIES = {"TCP4": (_V1_IPV4, ipaddress.IPv4Address),
                 "TCP6": (_V1_IPV6, ipaddress.IPv6Address)}
+
+
+def from_proxy(peer_host: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether a connection from peer_host (a socket's peername host) must begin with a
+    PROXY header: it is in one of the `proxy_from` networks. An IPv4 client seen on a
+    dual-stack listener (::ffff:10.0.0.1) counts as its IPv4 address; a peer that is no
+    IP address (a unix socket) is never a proxy."""
+    try:
+        address = ipaddress.ip_address(peer_host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 class ProxyHeaderParser:
