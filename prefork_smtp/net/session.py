@@ -36,8 +36,8 @@ from typing import Callable
 
 from ..config import Config, ListenAddress
 from ..service import SessionHooks, WorkerContext
-from .proxy import HEADER_TIMEOUT_S, V2_FIXED_LENGTH, V2_MAX_HEADER, NeedMore, ProxyError
-from .proxy import ProxyHeaderParser
+from .proxy import (HEADER_TIMEOUT_S, V2_FIXED_LENGTH, V2_MAX_HEADER, NeedMore, ProxyError,
+                    ProxyHeaderParser, from_proxy)
 from .tcp import stream_transport
 from .tls import TLSInfo, describe
 
@@ -112,7 +112,7 @@ class StreamSession(asyncio.Protocol):
         self.transport = stream_transport(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
-        if self._from_proxy():
+        if from_proxy(self.client_ip, self.config.proxy_from):
             self._guarded(self._read_proxy_header)
         else:
             self._guarded(self._open)
@@ -136,16 +136,6 @@ class StreamSession(asyncio.Protocol):
             self.begin()
 
     # --- PROXY protocol (SPEC §11) -----------------------------------------------------
-
-    def _from_proxy(self) -> bool:
-        if not self.config.proxy_from:
-            return False
-        try:
-            address = ipaddress.ip_address(self.client_ip)
-        except ValueError:
-            return False
-        address = getattr(address, "ipv4_mapped", None) or address
-        return any(address in network for network in self.config.proxy_from)
 
     def _read_proxy_header(self) -> None:
         assert self.transport is not None
