@@ -207,8 +207,8 @@ class Session:
     started_at: float
 
 
-def resolve(server: str) -> tuple[int, tuple]:
-    """HOST:PORT, [V6]:PORT or HOST -> (family, sockaddr), resolved once up front."""
+def parse_server(server: str) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, HOST or :PORT -> (host, port); no name is looked up."""
     match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]*)(?::(\d+))?", server)
     if not match:
         raise SMTPClientError(f"--server {server!r} is not HOST:PORT ([::1]:25 for IPv6)",
@@ -218,6 +218,12 @@ def resolve(server: str) -> tuple[int, tuple]:
     if not 0 < port < 65536:
         raise SMTPClientError(f"--server {server!r}: port {port} is out of range 1-65535",
                               "usage")
+    return host, port
+
+
+def resolve(server: str) -> tuple[int, tuple]:
+    """--server -> (family, sockaddr), resolved once up front."""
+    host, port = parse_server(server)
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
