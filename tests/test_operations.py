@@ -3,6 +3,7 @@ tarpit, log reopening and ccsmtp-status, against the real master on a loopback p
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -15,10 +16,18 @@ import time
 import psutil
 import pytest
 
-from conftest import DOMAIN, REPO, make_message, recv_reply
+from conftest import DOMAIN, REPO, free_port, make_message, recv_reply
+from prefork_smtp import config as configuration
+from prefork_smtp import logs
 from prefork_smtp.process import master as master_module
+from prefork_smtp.process.anvil import Anvil
+from prefork_smtp.process.listeners import Listener, bind
 from prefork_smtp.process.master import Child, Master, MasterError
-from prefork_smtp.process.scoreboard import WORKER
+from prefork_smtp.process.scoreboard import WORKER, Scoreboard
+from prefork_smtp.process.worker import WORKER_BOOT_ERROR, Worker
+from prefork_smtp.service import Service
+from prefork_smtp.services import SERVICES
+from prefork_smtp.store import queue
 
 STATUS = REPO / "bin" / "ccsmtp-status"
 
@@ -151,6 +160,80 @@ def test_children_that_die_at_start_up_are_throttled_then_the_master_gives_up():
     master.quick_deaths = 5
     master._after_death(Child(1000, 0, WORKER, 1, 0, now - 60), 9)
     assert master.quick_deaths == 0
+
+
+@pytest.mark.parametrize("server", [{"workers": 1}], indirect=True)
+def test_a_worker_that_cannot_start_stops_the_master_instead_of_fork_looping(server):
+    # SPEC §4. A real way for a worker to fail at start: the queue it must write was
+    # made unwritable after the master checked it (a careless chown or chmod -R).
+    tmp = server.spool / ".ccsmtp" / "tmp"
+    server.wait_for_processes("ccsmtp: worker", 1)
+    server.expect_clean_exit = False
+    tmp.chmod(0o500)
+    try:
+        server.send_signal(signal.SIGTTIN)      # one more worker, which cannot start
+        code = server.proc.wait(20)
+    finally:
+        tmp.chmod(0o700)
+    log = server.stderr()
+    assert code == 1, log
+    assert log.count("cannot start") == 1, log   # one attempt: no fork loop, no back-off
+    assert f"worker 2 cannot start: the smtp service: {tmp} is not writable" in log, log
+    assert "worker 2 could not start (exit 3;" in log, log
+    assert "Traceback" not in log
+
+
+def _run_worker(tmp_path, port: int, services=SERVICES, close_listener: bool = False) -> int:
+    """Worker.run() in a forked child, as the master runs it; its exit code."""
+    spool = str(tmp_path / "spool")
+    os.mkdir(spool)
+    queue.make_dirs(spool)
+    cfg = configuration.build({"spool": spool, "listen": [f"127.0.0.1:{port}"],
+                               "domains": ["example.org"]})
+    listener = Listener(bind(cfg.listen[0]), cfg.listen[0])
+    if close_listener:
+        listener.sock.close()
+    board = Scoreboard(str(tmp_path / "scoreboard"), create=True)
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            logs.setup("info", None)     # to stderr, as ccsmtp-master logs
+            code = Worker(1, 0, cfg, [listener], services, board, Anvil(), None, None,
+                          os.getppid()).run()
+        finally:
+            os._exit(code)
+    listener.sock.close()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _failing_service(error: BaseException) -> dict[str, Service]:
+    def start(context):
+        raise error
+    return {"smtp": Service("smtp", "smtp", start)}
+
+
+@pytest.mark.parametrize("case, code, line", [
+    ("closed listener", WORKER_BOOT_ERROR,
+     "critical: worker 1 cannot start: listener 127.0.0.1:{port}: Bad file descriptor"),
+    ("service fails", WORKER_BOOT_ERROR,
+     "critical: worker 1 cannot start: the smtp service: broken"),
+    ("out of descriptors", 1,
+     "error: worker 1 cannot start: the smtp service: Too many open files (short of a "
+     "resource: may pass)"),
+])
+def test_worker_start_up_failures_exit_with_one_log_line(tmp_path, capfd, case, code, line):
+    services = {"service fails": _failing_service(ValueError("broken")),
+                "out of descriptors": _failing_service(OSError(errno.EMFILE,
+                                                               os.strerror(errno.EMFILE)))}
+    port = free_port()
+    got = _run_worker(tmp_path, port, services.get(case, SERVICES),
+                      close_listener=case == "closed listener")
+    err = capfd.readouterr().err
+    assert got == code, err
+    lines = [text.split(": ", 1)[1] for text in err.splitlines() if "worker 1" in text]
+    assert lines == [line.format(port=port)], err
+    assert "Traceback" not in err
 
 
 # --- limits across workers ----------------------------------------------------------

@@ -255,7 +255,8 @@ class Master:
         what = child.role
         code = os.waitstatus_to_exitcode(status)
         if code == WORKER_BOOT_ERROR:
-            raise MasterError(f"{what} could not start (exit {code}); see the log above")
+            raise MasterError(f"{what} could not start (exit {code}; its error is above): "
+                              "stopping, as another would fail the same way")
         if child.retiring or self.stop_mode is not None:
             log.debug("%s (pid %d) exited", what, child.pid)
             return

@@ -57,6 +57,17 @@ def open_queue(spool_dir: str) -> int:
                          "(fix its owner or permissions, or choose another with -s)") from None
 
 
+def check_queue_writable(spool_dir: str) -> None:
+    """In a worker as it starts: can this process still write the queue? The master
+    proved it at start-up, but the spool may have changed hands since (a careless
+    chown -R, a file system remounted read-only)."""
+    paths = queue.queue_paths(spool_dir)
+    for path in (paths["tmp"], paths["queue"], paths["data"]):
+        if not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
+            raise SpoolError(f"{path} is not writable by uid {os.geteuid()} "
+                             "(fix the spool's owner or permissions, then restart)")
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
