@@ -654,6 +654,15 @@ def test_cli_unknown_user_as_root(work_dir):
     check_refusal(result, 2, "no-such-user-xyz")
 
 
+def test_cli_unknown_spool_group(work_dir):
+    config = work_dir / "group.toml"
+    config.write_text('spool_group = "no-such-group-ccsmtp"\n')
+    result = run_master("-l", f"127.0.0.1:{free_port()}", "-s", str(work_dir / "spool"),
+                        "-c", str(config))
+    check_refusal(result, 2, "spool_group", "no-such-group-ccsmtp")
+    assert not (work_dir / "spool").exists()   # refused before anything was made
+
+
 @pytest.mark.skipif(IS_ROOT, reason="root can write anywhere")
 def test_cli_unwritable_spool(work_dir):
     spool = work_dir / "readonly"

@@ -273,6 +273,15 @@ def test_copy_in_the_mailbox_has_no_state_headers_and_its_whole_body(spool):
     assert message.get_payload().endswith("From here on\n" + body.decode().replace("\r", ""))
 
 
+def test_a_new_mailbox_gets_spool_mode_whatever_the_umask(spool):
+    old = os.umask(0o077)
+    try:
+        mbox.append(spool, "alice", [b"From x Thu Jan  1 00:00:00 1970\n\nbody\n\n"], 0o660)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(os.path.join(spool, "alice")).st_mode & 0o777) == oct(0o660)
+
+
 def test_unsafe_mailbox_names_are_refused_before_any_file_is_touched(spool):
     for name in ("../escape", ".ccsmtp", "a/b", "x.lock", ""):
         with pytest.raises(ValueError):

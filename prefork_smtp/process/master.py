@@ -312,7 +312,8 @@ class Master:
         except configuration.ConfigError as e:
             log.error("SIGHUP: reload failed, keeping the running configuration: %s", e)
             return
-        fixed = ("listen", "user", "group", "spool_dir")
+        # spool_group too: the spool's group was set as root at start.
+        fixed = ("listen", "user", "group", "spool_dir", "spool_group")
         changed = [name for name in fixed if getattr(new, name) != getattr(self.config, name)]
         if changed:
             log.warning("SIGHUP: %s cannot change without a restart; keeping the old value(s)",

@@ -316,6 +316,10 @@ def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o60
                          | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
             created = True
         try:
+            if created:
+                # spool_mode as configured (0o660 for spool_group), whatever the umask;
+                # the group comes from the spool's set-group-ID bit (spool.prepare).
+                os.fchmod(fd, mode)
             _append_locked(fd, data, mailbox, journal)
         finally:
             os.close(fd)   # closing the description releases the OFD lock
