@@ -685,7 +685,8 @@ def test_cli_spool_is_a_file(work_dir):
 # --- supervision (SPEC §4) -------------------------------------------------------------
 
 def test_process_titles(server):
-    assert process_title_of(server.pid) == f"ccsmtp: master -w 2 127.0.0.1:{server.port}"
+    assert process_title_of(server.pid) == \
+        f"ccsmtp: master -w 2 127.0.0.1:{server.port} -s {server.spool}"
     deadline = time.monotonic() + 3   # "[starting]" until a worker's loop runs
     while True:
         titles = sorted(process_title(p) for p in server.workers())

@@ -59,7 +59,7 @@ def test_low_port_then_every_process_runs_unprivileged(start_server):
     nobody = pwd.getpwnam(RUN_AS)
     procs = ccsmtp_processes(server)
     titles = sorted(process_title(p).split(" [")[0] for p in procs)
-    assert titles == ["ccsmtp: delivery", f"ccsmtp: master -w 2 127.0.0.1:{port}",
+    assert titles == ["ccsmtp: delivery", f"ccsmtp: master -w 2 127.0.0.1:{port} -s {server.spool}",
                       "ccsmtp: worker 1", "ccsmtp: worker 2"]
     for proc in procs:
         status = proc_status(proc.pid)

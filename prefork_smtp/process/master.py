@@ -27,6 +27,7 @@ from setproctitle import setproctitle
 from .. import config as configuration
 from .. import logs
 from ..config import Config
+from ..layout import DEFAULT_SPOOL
 from ..service import Service
 from ..store.delivery import Delivery
 from .anvil import Anvil
@@ -337,7 +338,7 @@ class Master:
         fast = self.stop_mode == "fast"
         log.info("%s stop: stopping %d worker(s)", "fast" if fast else "graceful",
                  len(self.workers(current_only=False)))
-        setproctitle(f"ccsmtp: master [{'fast' if fast else 'graceful'} stop]")
+        setproctitle(f"ccsmtp: master [{'fast' if fast else 'graceful'} stop]{self._spool_mark()}")
         for listener in self.listeners:
             listener.sock.close()
         worker_signal = signal.SIGQUIT if fast else signal.SIGTERM
@@ -368,5 +369,12 @@ class Master:
 
     def _set_title(self) -> None:
         listen = " ".join(str(a) for a in self.config.listen)
-        setproctitle(f"ccsmtp: master -w {self.num_workers} {listen}")
+        setproctitle(f"ccsmtp: master -w {self.num_workers} {listen}{self._spool_mark()}")
+
+    def _spool_mark(self) -> str:
+        """The end of the title, ' -s SPOOL', unless the spool is the default:
+        ccsmtp-status finds each instance's spool there, the one place of a process
+        that dropped root which its own user can still read (tools/status.py)."""
+        spool = self.config.spool_dir
+        return "" if spool == DEFAULT_SPOOL else f" -s {spool}"
 
