@@ -93,6 +93,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         _die(1, f"cannot open log file {config.log_file}: {e.strerror} (fix it or use --log-file)")
 
     identity = _identity(config)
+    spool_gid = _spool_group(config)
     try:
         loaded = credentials.load(config)     # as root: a root-only key works
     except credentials.CredentialsError as e:
@@ -103,7 +104,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         _die(1, e)
     privileges.raise_open_files_limit()
     try:
-        spool.prepare(config.spool_dir, identity)
+        spool.prepare(config.spool_dir, identity, spool_gid)
     except spool.SpoolError as e:
         _die(1, e)
     _write_pidfile(config.pidfile)
@@ -141,6 +142,20 @@ def _identity(config: configuration.Config) -> privileges.Identity | None:
         return privileges.resolve(config.user, config.group)
     except privileges.PrivilegeError as e:
         _die(2, e)
+
+
+def _spool_group(config: configuration.Config) -> int | None:
+    """spool_group's gid, resolved while /etc/group can still be read by us."""
+    if config.spool_group is None:
+        return None
+    try:
+        gid = privileges.resolve_group(config.spool_group, "spool_group")
+    except privileges.PrivilegeError as e:
+        _die(2, e)
+    if not config.spool_mode & 0o060:
+        log.warning("spool_group %s has no access to mailboxes with spool_mode %s "
+                    "(set spool_mode = 0o640 or 0o660)", config.spool_group, oct(config.spool_mode))
+    return gid
 
 
 def _write_pidfile(path: str | None) -> None:

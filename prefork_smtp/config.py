@@ -17,7 +17,7 @@ import tomllib
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from .layout import is_safe_mailbox
+from .layout import DEFAULT_SPOOL, is_safe_mailbox
 
 
 class ConfigError(Exception):
@@ -391,7 +391,7 @@ def build(cli_values: Mapping[str, Any], config_file: str | None = None) -> Conf
     values.setdefault("listen", default_listen())
     values.setdefault("user", None)
     values.setdefault("group", None)
-    values.setdefault("spool_dir", "/var/spool/ccsmtp")
+    values.setdefault("spool_dir", DEFAULT_SPOOL)
     values.setdefault("domains", default_domains(hostname))
     values["spool_dir"] = os.path.abspath(values["spool_dir"])
     for key in ("tls_cert", "tls_key", "users_file"):

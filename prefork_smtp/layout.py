@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 
+DEFAULT_SPOOL = "/var/spool/ccsmtp"
 STATE_DIR = ".ccsmtp"
 SCOREBOARD = "scoreboard"
 DELIVERY_LOCK = "delivery.lock"

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -277,6 +278,61 @@ def test_from_lines_are_quoted_and_leading_dots_unstuffed(server):
     assert b"\r" not in raw   # LF line ends in the mbox
     # Python's mailbox does not undo mboxrd quoting: it reads the stored lines as-is.
     assert before[0].get_payload().split("\n")[:-1] == [line.decode() for line in stored]
+
+
+def test_state_headers_of_mail_readers_are_removed_before_delivery(server):
+    """SPEC §6: a sender cannot mark a message read, forge its UID or cut it short."""
+    body = "Line one.\r\nStatus: RO in the body stays.\r\nFrom the middle\r\nLast line.\r\n"
+    headers = ("Status: RO\r\nX-UID: 5\r\nContent-Length: 3\r\n"
+               "X-Keywords: $Label1\r\n\tNonJunk\r\nReturn-Path: <forged@remote.test>\r\n")
+    content = (headers + make_message("<state@test>", "state headers", body).decode()).encode()
+    server.send([f"state@{DOMAIN}"], content)
+    [msg] = server.wait_for_messages("state", 1)
+    for name in ("Status", "X-Status", "X-UID", "Content-Length", "X-Keywords"):
+        assert msg[name] is None, name
+    assert msg.get_all("Return-Path") == [f"<{SENDER}>"]
+    assert msg.get_flags() == ""          # unread, whatever the sender said
+    assert msg["Subject"] == "state headers"
+    assert msg.get_payload() == body.replace("\r\n", "\n").replace("\nFrom", "\n>From")
+    head = server.raw("state").split(b"\n\n", 1)[0]
+    assert b"Status:" not in head and b"NonJunk" not in head
+    if shutil.which("mutt") and shutil.which("tmux"):
+        index = mutt_screen(server.path("state"))
+        assert re.search(r"^\s*1 N ", index, re.M), index    # new to mutt, too
+        screen = mutt_screen(server.path("state"), open_first=True)
+        assert "Last line." in screen and "Status: RO in the body stays." in screen, screen
+
+
+def mutt_screen(path: Path, open_first: bool = False) -> str:
+    """What mutt (read-only, no configuration) shows of a mailbox, or of its first
+    message with open_first; run in a private tmux server."""
+    tmux = ["tmux", "-L", f"ccsmtp-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"]
+    env = {**os.environ, "TERM": "xterm"}
+    command = f"mutt -n -F /dev/null -e 'set folder={path.parent}' -R -f {path}"
+
+    def capture() -> str:
+        return subprocess.run(tmux + ["capture-pane", "-p"], capture_output=True, text=True,
+                              env=env, timeout=10).stdout
+
+    def wait_for(text: str) -> str:
+        deadline = time.monotonic() + 10
+        while text not in (screen := capture()):
+            assert time.monotonic() < deadline, f"mutt never showed {text!r}:\n{screen}"
+            time.sleep(0.1)
+        return screen
+
+    subprocess.run(tmux + ["new-session", "-d", "-x", "200", "-y", "50", command],
+                   check=True, env=env, timeout=10)
+    try:
+        screen = wait_for("Msgs:")
+        if open_first:
+            subprocess.run(tmux + ["send-keys", "Enter"], check=True, env=env, timeout=10)
+            screen = wait_for("Subject:")
+            time.sleep(0.3)   # let it finish drawing the message
+            screen = capture()
+        return screen
+    finally:
+        subprocess.run(tmux + ["kill-server"], capture_output=True, env=env, timeout=10)
 
 
 def test_bare_lf_dot_does_not_end_data(server):
@@ -598,6 +654,15 @@ def test_cli_unknown_user_as_root(work_dir):
     check_refusal(result, 2, "no-such-user-xyz")
 
 
+def test_cli_unknown_spool_group(work_dir):
+    config = work_dir / "group.toml"
+    config.write_text('spool_group = "no-such-group-ccsmtp"\n')
+    result = run_master("-l", f"127.0.0.1:{free_port()}", "-s", str(work_dir / "spool"),
+                        "-c", str(config))
+    check_refusal(result, 2, "spool_group", "no-such-group-ccsmtp")
+    assert not (work_dir / "spool").exists()   # refused before anything was made
+
+
 @pytest.mark.skipif(IS_ROOT, reason="root can write anywhere")
 def test_cli_unwritable_spool(work_dir):
     spool = work_dir / "readonly"
@@ -620,7 +685,8 @@ def test_cli_spool_is_a_file(work_dir):
 # --- supervision (SPEC §4) -------------------------------------------------------------
 
 def test_process_titles(server):
-    assert process_title_of(server.pid) == f"ccsmtp: master -w 2 127.0.0.1:{server.port}"
+    assert process_title_of(server.pid) == \
+        f"ccsmtp: master -w 2 127.0.0.1:{server.port} -s {server.spool}"
     deadline = time.monotonic() + 3   # "[starting]" until a worker's loop runs
     while True:
         titles = sorted(process_title(p) for p in server.workers())

@@ -7,9 +7,11 @@ root with `-u nobody`.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
+import stat
 import socket
 import subprocess
 import time
@@ -20,6 +22,7 @@ import pytest
 
 from conftest import (DOMAIN, RUN_AS, SENDER, Server, free_port, make_message,
                       master_command, process_title)
+from prefork_smtp.process import privileges
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -56,7 +59,7 @@ def test_low_port_then_every_process_runs_unprivileged(start_server):
     nobody = pwd.getpwnam(RUN_AS)
     procs = ccsmtp_processes(server)
     titles = sorted(process_title(p).split(" [")[0] for p in procs)
-    assert titles == ["ccsmtp: delivery", f"ccsmtp: master -w 2 127.0.0.1:{port}",
+    assert titles == ["ccsmtp: delivery", f"ccsmtp: master -w 2 127.0.0.1:{port} -s {server.spool}",
                       "ccsmtp: worker 1", "ccsmtp: worker 2"]
     for proc in procs:
         status = proc_status(proc.pid)
@@ -75,6 +78,61 @@ def test_low_port_then_every_process_runs_unprivileged(start_server):
     assert msg["Message-ID"] == "<low-port@test>"
     info = os.stat(server.path("alice"))
     assert (info.st_uid, info.st_mode & 0o777) == (nobody.pw_uid, 0o600)
+
+
+def reader_group() -> grp.struct_group:
+    """A group the server's user is not in: its mailboxes get it from the spool alone."""
+    nobody = pwd.getpwnam(RUN_AS)
+    groups = sorted(grp.getgrall(), key=lambda g: g.gr_name != "mail")
+    for group in groups:
+        if group.gr_gid not in (0, nobody.pw_gid) and RUN_AS not in group.gr_mem:
+            return group
+    pytest.skip("no group to test spool_group with")
+
+
+def test_spool_group_gives_new_mailboxes_its_group_and_mode_without_a_group_for_us(
+        start_server):
+    group = reader_group()
+    server = start_server(config=f'spool_group = "{group.gr_name}"\nspool_mode = 0o660\n')
+    server.send([f"alice@{DOMAIN}"], make_message("<group@test>", "for the readers"))
+    server.wait_for_messages("alice", 1)
+    nobody = pwd.getpwnam(RUN_AS)
+    mailbox = os.stat(server.path("alice"))
+    assert (mailbox.st_uid, mailbox.st_gid) == (nobody.pw_uid, group.gr_gid)
+    assert stat.S_IMODE(mailbox.st_mode) == 0o660          # whatever the umask
+    spool = os.stat(server.spool)
+    assert spool.st_gid == group.gr_gid and spool.st_mode & stat.S_ISGID
+    assert spool.st_mode & 0o050 == 0o050                  # the readers may enter
+    state = os.stat(server.spool / ".ccsmtp")
+    assert stat.S_IMODE(state.st_mode) & 0o077 == 0         # the queue stays private
+    # The server holds no supplementary group for this (nor anything else).
+    for proc in ccsmtp_processes(server):
+        status = proc_status(proc.pid)
+        assert status["Groups"].split() == [], process_title(proc)
+        assert [int(g) for g in status["Gid"].split()] == [nobody.pw_gid] * 4
+        assert int(status["CapPrm"], 16) == 0 and int(status["CapEff"], 16) == 0
+
+
+def test_dropping_privileges_leaves_no_way_back_to_root():
+    identity = privileges.resolve(RUN_AS, None)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            privileges.drop(identity)
+            refused = 0
+            for regain in (lambda: os.setuid(0), lambda: os.seteuid(0), lambda: os.setgid(0),
+                           lambda: os.setegid(0), lambda: os.setgroups([0]),
+                           lambda: os.setresuid(0, 0, 0)):
+                try:
+                    regain()
+                except PermissionError:
+                    refused += 1
+            ids = (os.getresuid(), os.getresgid(), os.getgroups())
+            code = 0 if refused == 6 and ids == ((identity.uid,) * 3, (identity.gid,) * 3, []) else 1
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def test_spool_owned_by_someone_else_is_refused(work_dir):

@@ -2,7 +2,9 @@
 
 Most tests run the client's main() in-process against Sink, a small asyncio SMTP
 server on a loopback port in a background thread that records what arrived and
-can misbehave on request (no PIPELINING, no EHLO, refusals, silence). One test
+can misbehave on request (no PIPELINING, no EHLO, refusals, silence); it speaks
+TLS, implicit or after STARTTLS, with certificates from a trustme test CA (the
+server side of ccsmtp's own TLS is not needed for the client's tests). One test
 runs bin/ccsmtp-send as a subprocess (exit status, no traceback) and one sends
 load to the real ccsmtp master and counts the messages in its mbox.
 """
@@ -18,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import trustme
 
 from prefork_smtp.tools import send
 
@@ -62,6 +66,10 @@ class SinkOptions:
     refuse_every: int = 0             # 554 at the end of every Nth message
     silent_after_data: bool = False   # never answer the final dot
     greet_first: int = 0              # greet only this many connections (0: all)
+    tls: ssl.SSLContext | None = None         # TLS from the first byte (smtps)
+    starttls: ssl.SSLContext | None = None    # offer STARTTLS with this context
+    refuse_starttls: bool = False     # offer it, then answer 454
+    inject_after_starttls: bool = False   # a reply right behind the 220, before TLS
 
 
 @dataclass
@@ -72,6 +80,8 @@ class Sink:
     connections: int = 0
     pipelined: int = 0                # commands that arrived before the previous reply went out
     content_reads: int = 0            # data_received calls while in DATA
+    secure: list[bool] = field(default_factory=list)      # per command: under TLS?
+    handshakes: list[bool] = field(default_factory=list)  # per handshake: a session resumed?
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -87,7 +97,8 @@ class Sink:
         return self
 
     async def _serve(self) -> asyncio.base_events.Server:
-        return await self._loop.create_server(lambda: SinkSession(self), "127.0.0.1", 0)
+        return await self._loop.create_server(lambda: SinkSession(self), "127.0.0.1", 0,
+                                              ssl=self.options.tls)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._server.close)
@@ -108,10 +119,14 @@ class SinkSession(asyncio.Protocol):
         self.in_data = False
         self.held: list[bytes] = []
         self.mute = False
+        self.tls = False
+        self.upgrading = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.sink.connections += 1
+        if self.opt.tls is not None:
+            self.handshake_done(transport)
         if self.opt.greet_first and self.sink.connections > self.opt.greet_first:
             return                          # a server at its process limit: silence
         transport.write(self.opt.greeting + b"\r\n")
@@ -123,8 +138,14 @@ class SinkSession(asyncio.Protocol):
         self.transport.write(b"".join(held + b"\r\n" for held in self.held) + line + b"\r\n")
         self.held = []
 
+    def handshake_done(self, transport: asyncio.BaseTransport) -> None:
+        self.tls = True
+        self.sink.handshakes.append(transport.get_extra_info("ssl_object").session_reused)
+
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        if self.upgrading:
+            return        # under TLS already: read once start_tls() has handed us its transport
         if self.in_data:
             self.sink.content_reads += 1
         while True:
@@ -159,13 +180,41 @@ class SinkSession(asyncio.Protocol):
         else:
             self.reply(b"250 2.0.0 Ok: queued as SINK%d" % number)
 
+    def starttls(self) -> None:
+        if self.opt.starttls is None or self.tls:
+            return self.reply(b"502 5.5.1 no STARTTLS here")
+        if self.opt.refuse_starttls:
+            return self.reply(b"454 4.7.0 TLS not available due to temporary reason")
+        extra = b"250 2.0.0 injected\r\n" if self.opt.inject_after_starttls else b""
+        self.transport.write(b"220 2.0.0 Ready to start TLS\r\n" + extra)
+        self.transport.pause_reading()    # the next bytes are the client's handshake
+        self.buf = b""                    # RFC 3207 §4.2: nothing said before TLS counts
+        self.upgrading = True
+        asyncio.ensure_future(self.upgrade(), loop=self.sink._loop)
+
+    async def upgrade(self) -> None:
+        try:
+            transport = await self.sink._loop.start_tls(self.transport, self, self.opt.starttls,
+                                                        server_side=True)
+        except (OSError, asyncio.TimeoutError):
+            self.transport.abort()        # e.g. the client did not trust our certificate
+            return
+        self.transport, self.upgrading = transport, False
+        self.handshake_done(transport)
+        self.data_received(b"")
+
     def command(self, line: bytes) -> None:
         self.sink.commands.append(line)
+        self.sink.secure.append(self.tls)
         verb = line[:4].upper()
+        if line.upper() == b"STARTTLS":
+            return self.starttls()
         if verb == b"EHLO":
             if not self.opt.ehlo:
                 return self.reply(b"502 5.5.1 no EHLO here")
             ext = [b"sink.test", b"SIZE 100000000", b"8BITMIME"]
+            if self.opt.starttls is not None and not self.tls:
+                ext.append(b"STARTTLS")
             if self.opt.pipelining:
                 ext.append(b"PIPELINING")
             self.transport.write(b"".join(b"250-" + e + b"\r\n" for e in ext[:-1])
@@ -294,19 +343,45 @@ def test_single_message_gets_message_id_and_date_when_missing(raw, kept_id):
     assert wire.endswith(b"\r\n.\r\n")
 
 
+@pytest.mark.parametrize("server, expected", [
+    ("127.0.0.1:2525", ("127.0.0.1", 2525)),
+    ("127.0.0.1", ("127.0.0.1", 25)),
+    (":2527", ("127.0.0.1", 2527)),
+    ("mail.example.org:587", ("mail.example.org", 587)),
+    ("mail.example.org", ("mail.example.org", 25)),
+    ("[::1]:2526", ("::1", 2526)),
+    ("[::1]", ("::1", 25)),
+    ("[2001:db8::25]:465", ("2001:db8::25", 465)),
+])
+def test_server_argument_forms(server, expected):
+    # Parsing looks nothing up: no skip can hide a parsing bug here.
+    assert send.parse_server(server) == expected
+
+
+def test_tls_has_its_own_default_port():
+    assert send.parse_server("", send.DEFAULT_TLS_PORT) == ("127.0.0.1", 465)
+    assert send.parse_server("mx.example.org", 465) == ("mx.example.org", 465)
+    assert send.parse_server("mx.example.org:25", 465) == ("mx.example.org", 25)
+
+
 @pytest.mark.parametrize("server, sockaddr", [
     ("127.0.0.1:2525", ("127.0.0.1", 2525)),
     ("127.0.0.1", ("127.0.0.1", 25)),
-    ("[::1]:2526", ("::1", 2526)),
+    pytest.param("[::1]:2526", ("::1", 2526), marks=pytest.mark.skipif(
+        not socket.has_ipv6, reason="Python built without IPv6")),
 ])
-def test_server_argument_forms(server, sockaddr):
-    if ":" in sockaddr[0] and not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    try:
-        _, got = send.resolve(server)
-    except send.SMTPClientError as e:
-        pytest.skip(f"cannot resolve here: {e}")
+def test_server_literals_resolve_without_dns(server, sockaddr):
+    # Address literals never need a resolver, so any error here is a bug of ours.
+    _, got = send.resolve(server)
     assert got[:2] == sockaddr
+
+
+@pytest.mark.parametrize("server", ["::1", "[::1]:", "host:", "a:b:c", "h:0", "h:65536",
+                                    "[::1", "h:2x"])
+def test_malformed_server_arguments_are_usage_errors(server):
+    with pytest.raises(send.SMTPClientError) as caught:
+        send.parse_server(server)
+    assert caught.value.kind == "usage"
 
 
 def test_nearest_rank_percentiles():
@@ -530,6 +605,190 @@ def test_script_connection_refused_without_traceback():
     assert proc.stderr == f"ccsmtp-send: error: cannot connect to 127.0.0.1:{port}: " \
                           f"Connection refused\n".encode()
     assert proc.stdout == b""
+
+
+# --- TLS against the sink ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def cafile(ca, tmp_path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def server_context(ca: trustme.CA, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    if maximum is not None:
+        context.maximum_version = maximum
+    return context
+
+
+def verbs(sink: Sink) -> list[tuple[bytes, bool]]:
+    """Each command's verb, and whether it came under TLS."""
+    return [(c.split(b":")[0].split(b" ")[0], tls) for c, tls in zip(sink.commands, sink.secure)]
+
+
+def test_starttls_then_a_second_ehlo_then_the_mail_under_tls(sink_factory, ca, cafile, capsys):
+    sink = sink_factory(starttls=server_context(ca))
+    status, out, err = run_main(capsys, "--starttls", "--cafile", cafile, "--to", "b@y.test",
+                                "--server", sink.server, "--helo", "me.test", "--json",
+                                stdin=b"Subject: secret\n\nunder TLS\n")
+    assert status == 0, err
+    assert verbs(sink) == [(b"EHLO", False), (b"STARTTLS", False), (b"EHLO", True),
+                           (b"MAIL", True), (b"RCPT", True), (b"DATA", True), (b"QUIT", True)]
+    assert sink.commands[2] == b"EHLO me.test"
+    result = json.loads(out)
+    assert result["reply"].startswith("250 ") and result["tls"]["mode"] == "starttls"
+    assert result["tls"]["version"] in ("TLSv1.2", "TLSv1.3") and result["tls"]["cipher"]
+    assert sink.transactions[0].content.endswith(b"under TLS\r\n")
+
+
+def test_implicit_tls_from_the_first_byte(sink_factory, ca, cafile, capsys):
+    sink = sink_factory(tls=server_context(ca))
+    status, out, err = run_main(capsys, "--tls", "--cafile", cafile, "--to", "b@y.test",
+                                "--server", sink.server, stdin=b"x\n")
+    assert status == 0, err
+    assert out.startswith("250 2.0.0 Ok: queued as SINK1")
+    assert verbs(sink) == [(b"EHLO", True), (b"MAIL", True), (b"RCPT", True), (b"DATA", True),
+                           (b"QUIT", True)]
+    assert len(sink.handshakes) == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "does not offer STARTTLS"),
+    ({"refuse_starttls": True}, "STARTTLS refused: 454 4.7.0 TLS not available"),
+    ({"inject_after_starttls": True}, "server sent more after its reply to STARTTLS"),
+])
+def test_starttls_that_cannot_happen_is_an_error_never_a_plain_send(
+        sink_factory, ca, cafile, capsys, options, message):
+    if "refuse_starttls" in options or "inject_after_starttls" in options:
+        options = {**options, "starttls": server_context(ca)}
+    sink = sink_factory(**options)
+    status, out, err = run_main(capsys, "--starttls", "--cafile", cafile, "--to", "b@y.test",
+                                "--server", sink.server, stdin=b"x\n")
+    assert (status, out) == (1, "")
+    assert err.startswith("ccsmtp-send: error: ") and message in err and err.count("\n") == 1
+    assert [verb for verb, _ in verbs(sink)] == [b"EHLO", b"STARTTLS"][:len(sink.commands)]
+    assert sink.transactions == [] and sink.handshakes == []
+
+
+@pytest.mark.parametrize("mode", ["--tls", "--starttls"])
+def test_an_untrusted_certificate_is_refused_unless_insecure(sink_factory, ca, capsys, mode):
+    context = server_context(ca)
+    sink = sink_factory(**({"tls": context} if mode == "--tls" else {"starttls": context}))
+    status, out, err = run_main(capsys, mode, "--to", "b@y.test", "--server", sink.server,
+                                stdin=b"x\n")   # the system's CAs do not know the test CA
+    assert (status, out) == (1, "")
+    assert f"TLS handshake with {sink.server} failed: certificate not trusted" in err
+    assert "--cafile" in err and err.count("\n") == 1
+    assert sink.transactions == []
+    status, out, err = run_main(capsys, mode, "--insecure", "--to", "b@y.test",
+                                "--server", sink.server, stdin=b"x\n")
+    assert status == 0, err
+    assert len(sink.transactions) == 1
+
+
+def test_a_certificate_for_another_name_is_refused(sink_factory, ca, cafile, capsys):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mail.example.net").configure_cert(context)
+    sink = sink_factory(tls=context)
+    status, _, err = run_main(capsys, "--tls", "--cafile", cafile, "--to", "b@y.test",
+                              "--server", sink.server, stdin=b"x\n")
+    assert status == 1 and "certificate not trusted" in err and "127.0.0.1" in err
+
+
+@pytest.mark.parametrize("maximum", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+                         ids=["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize("mode", ["--tls", "--starttls"])
+def test_load_over_tls_resumes_sessions_on_reconnects(sink_factory, ca, cafile, capsys, mode,
+                                                      maximum):
+    context = server_context(ca, maximum)
+    sink = sink_factory(**({"tls": context} if mode == "--tls" else {"starttls": context}))
+    status, out, err = run_main(capsys, mode, "--cafile", cafile, "--count", "30",
+                                "--concurrency", "3", "--to", "b@y.test", "--server",
+                                sink.server, "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["accepted"] == 30 and result["connections"] == 30
+    tls = result["tls"]
+    # Each of the 3 senders' first handshake is a full one; every later one resumes
+    # the session of that sender's previous connection.
+    assert (tls["mode"], tls["handshakes"], tls["resumed"]) == (mode[2:], 30, 27)
+    assert tls["resumed_fraction"] == pytest.approx(0.9)
+    assert tls["versions"] == {maximum.name.replace("v1_", "v1."): 30}
+    assert sink.handshakes.count(True) == 27           # the server saw it the same way
+    if mode == "--starttls":
+        assert [verb for verb, _ in verbs(sink)].count(b"STARTTLS") == 30
+        assert all(tls for verb, tls in verbs(sink) if verb in (b"MAIL", b"RCPT", b"DATA"))
+
+
+def test_load_over_tls_with_several_messages_per_connection_and_a_text_report(
+        sink_factory, ca, cafile, capsys):
+    sink = sink_factory(starttls=server_context(ca))
+    status, out, err = run_main(capsys, "--starttls", "--cafile", cafile, "--count", "12",
+                                "--concurrency", "2", "--per-connection", "3", "--to", "b@y.test",
+                                "--server", sink.server)
+    assert status == 0, err
+    assert re.search(r"^TLS \(starttls\): 4 handshakes, 2 resumed a session \(50\.0%\); "
+                     r"TLSv1\.3 4$", out, re.M), out
+    assert len(sink.transactions) == 12
+
+
+def test_load_with_starttls_refused_counts_every_message_failed(sink_factory, ca, cafile, capsys):
+    sink = sink_factory(starttls=server_context(ca), refuse_starttls=True)
+    status, out, err = run_main(capsys, "--starttls", "--cafile", cafile, "--count", "6",
+                                "--concurrency", "2", "--to", "b@y.test", "--server",
+                                sink.server, "--json")
+    assert status == 1
+    result = json.loads(out)
+    assert (result["accepted"], result["errors"]) == (0, {"starttls": 6})
+    assert sink.transactions == []
+
+
+def test_idle_connections_over_tls_are_held_after_their_handshake(sink_factory, ca, cafile,
+                                                                  capsys):
+    sink = sink_factory(tls=server_context(ca))
+    status, out, err = run_main(capsys, "--tls", "--cafile", cafile, "--idle", "10", "--count",
+                                "2", "--to", "b@y.test", "--server", sink.server, "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["idle"] == {"requested": 10, "held": 10, "errors": {}}
+    assert len(sink.handshakes) == 12 and result["tls"]["handshakes"] == 2
+
+
+def test_plain_load_reports_no_tls(sink, capsys):
+    status, out, _ = run_main(capsys, "--count", "2", "--to", "b@y.test", "--server",
+                              sink.server, "--json")
+    assert status == 0 and json.loads(out)["tls"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tls", "--starttls"], "argument --starttls: not allowed with argument --tls"),
+    (["--cafile", "x.pem"], "--cafile needs --tls or --starttls"),
+    (["--insecure"], "--insecure needs --tls or --starttls"),
+    (["--tls", "--insecure", "--cafile", "x.pem"], "give --cafile or --insecure, not both"),
+])
+def test_tls_usage_errors_exit_2(capsys, args, message):
+    try:
+        status = send.main(["--to", "b@y", *args])
+    except SystemExit as e:
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and err.count("\n") == 1
+
+
+def test_an_unreadable_cafile_is_one_line_and_exit_1(capsys, tmp_path):
+    status, _, err = run_main(capsys, "--tls", "--cafile", str(tmp_path / "none.pem"),
+                              "--to", "b@y", "--server", f"127.0.0.1:{free_port()}")
+    assert status == 1
+    assert err == f"ccsmtp-send: error: cannot read --cafile {tmp_path / 'none.pem'}: " \
+                  "No such file or directory\n"
 
 
 # --- against the real server -------------------------------------------------------------------

@@ -8,10 +8,13 @@ import fcntl
 import mailbox
 import multiprocessing
 import os
+import re
 import resource
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prefork_smtp import config
 from prefork_smtp.store import delivery, mbox, queue
@@ -124,6 +127,159 @@ def test_null_sender_is_mailer_daemon_and_ipv6_client_is_a_literal():
     text = format_one(b"x\r\n", mail_from="", client_address="2001:db8::1")
     assert text.startswith(b"From MAILER-DAEMON ")
     assert b"Return-Path: <>\n" in text and b"(unknown [IPv6:2001:db8::1])" in text
+
+
+# --- state headers (SPEC §6) -----------------------------------------------------------
+
+FORGED_STATE = (
+    b"Return-Path: <forged@example.com>\r\n"
+    b"Received: from relay.example.net by mx.example.net; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+    b"Status: RO\r\n"
+    b"Subject: state\r\n"
+    b"X-Status: AF\r\n"
+    b"X-Keywords: $Forwarded\r\n"
+    b"\tJunk\r\n"
+    b" NonJunk\r\n"
+    b"STATUS:RO\r\n"
+    b"x-uid : 5\r\n"
+    b"X-IMAP: 1 2\r\n"
+    b"X-IMAPbase: 1234 5\r\n"
+    b"X-UIDL: kept, not ours\r\n"
+    b"X-Status-Report: kept\r\n"
+    b"Content-Length: 3\r\n"
+    b"Content-Type: text/plain;\r\n"
+    b"\tcharset=us-ascii\r\n"
+    b"\r\n"
+    b"Status: RO is a body line\r\n"
+    b"Content-Length: 1\r\n"
+    b"X-UID: 7\r\n"
+    b"\r\n"
+    b"From here on\r\n"
+)
+CLEANED = (
+    b"Received: from relay.example.net by mx.example.net; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+    b"Subject: state\r\n"
+    b"X-UIDL: kept, not ours\r\n"
+    b"X-Status-Report: kept\r\n"
+    b"Content-Type: text/plain;\r\n"
+    b"\tcharset=us-ascii\r\n"
+    b"\r\n"
+    b"Status: RO is a body line\r\n"
+    b"Content-Length: 1\r\n"
+    b"X-UID: 7\r\n"
+    b"\r\n"
+    b"From here on\r\n"
+)
+
+
+def cut(content: bytes, *offsets: int) -> list[bytes]:
+    bounds = [0, *sorted(offsets), len(content)]
+    return [content[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def strip_state(pieces: list[bytes]) -> bytes:
+    return b"".join(mbox.without_state_headers(pieces))
+
+
+def test_state_headers_and_their_folded_lines_leave_the_header_section_only():
+    assert strip_state([FORGED_STATE]) == CLEANED
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 13, 64])
+def test_state_headers_are_removed_however_the_header_section_is_cut(size):
+    pieces = [FORGED_STATE[i:i + size] for i in range(0, len(FORGED_STATE), size)]
+    assert strip_state(pieces) == CLEANED
+
+
+def test_every_single_cut_gives_the_same_result():
+    for at in range(len(FORGED_STATE) + 1):
+        assert strip_state(cut(FORGED_STATE, at)) == CLEANED, at
+
+
+def test_the_body_is_passed_on_as_it_came_never_rescanned():
+    head, body1, body2 = b"Status: RO\r\nSubject: s\r\n", b"\r\nStatus: 1\r\n", b"X-UID: 2\r\n"
+    out = list(mbox.without_state_headers([head, body1, body2]))
+    assert b"".join(out) == b"Subject: s\r\n" + body1 + body2
+    assert out[-1] is body2          # the pieces after the header section, untouched
+
+
+def test_mail_without_state_headers_is_passed_on_whole():
+    piece = b"Subject: plain\r\nX-Spam-Flag: NO\r\n\r\nStatus: RO\r\n"
+    assert list(mbox.without_state_headers([piece])) == [piece]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", b""),
+    (b"\r\nStatus: RO\r\n", b"\r\nStatus: RO\r\n"),          # no header section at all
+    (b"Status: RO\r\n", b""),                                      # headers only
+    (b"Status: RO", b""),                                          # no line end at all
+    (b"Status", b"Status"),                                        # not a field
+    (b"Subject: x\nStatus: RO\n\nbody\n", b"Subject: x\n\nbody\n"),  # bare LF lines
+    (b"Status" + b" " * 2000 + b": RO\r\nA: b\r\n", b"A: b\r\n"),
+    (b"Status" + b" " * 10 + b"RO\r\n", b"Status" + b" " * 10 + b"RO\r\n"),  # no colon: kept
+    (b" folded first\r\nStatus: RO\r\n\r\n", b" folded first\r\n\r\n"),
+    (b"X: " + b"y" * 100_000 + b"\r\nX-UID: 1\r\n\r\n", b"X: " + b"y" * 100_000 + b"\r\n\r\n"),
+])
+def test_state_header_edge_cases(content, expected):
+    assert strip_state([content]) == expected
+    assert strip_state([content[i:i + 1] for i in range(len(content))]) == expected
+
+
+def _reference_strip(content: bytes) -> bytes:
+    """The same rule, on the whole message at once, line by line."""
+    lines = re.findall(rb"[^\n]*\n|[^\n]+$", content)
+    out, dropping = [], False
+    for n, line in enumerate(lines):
+        if line in (b"\n", b"\r\n"):
+            return b"".join(out + lines[n:])
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                out.append(line)
+            continue
+        name, colon, _ = line.partition(b":")
+        name = name.rstrip(b" \t")
+        dropping = bool(colon) and bool(re.fullmatch(rb"[!-9;-~]+", name)) \
+            and name.lower() in mbox.STATE_HEADERS
+        if not dropping:
+            out.append(line)
+    return b"".join(out)
+
+
+_LINES = st.sampled_from([
+    b"Status: RO\r\n", b"X-UID: 1\r\n", b"content-length : 9\r\n", b"X-IMAPbase: 1 2\r\n",
+    b"Subject: s\r\n", b"X-Statusx: k\r\n", b"\tfolded\r\n", b" more\r\n", b"\r\n", b"\n",
+    b"Return-Path: <x@y>\n", b"From x\r\n", b"Statu\r\n", b"S: \r\r\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_LINES, max_size=12), st.lists(st.integers(0, 200), max_size=6))
+def test_streaming_matches_the_whole_message_rule(lines, offsets):
+    content = b"".join(lines)
+    offsets = [o for o in offsets if o <= len(content)]
+    assert strip_state(cut(content, *offsets)) == _reference_strip(content)
+
+
+def test_copy_in_the_mailbox_has_no_state_headers_and_its_whole_body(spool):
+    cfg = make_config(spool)
+    body = b"line 1\r\nline 2 is longer than Content-Length says\r\n"
+    queue.write_batch(spool, [queued(FORGED_STATE + body)])
+    delivery.Delivery(cfg, None).deliver_round()
+    [message] = read_mbox(spool, "alice")
+    for name in ("Status", "X-Status", "X-Keywords", "X-UID", "X-IMAP", "X-IMAPbase",
+                 "Content-Length"):
+        assert message[name] is None, name
+    assert message.get_all("Return-Path") == ["<sender@example.net>"]   # ours only
+    assert message.get_flags() == ""                                     # not marked read
+    assert message.get_payload().endswith("From here on\n" + body.decode().replace("\r", ""))
+
+
+def test_a_new_mailbox_gets_spool_mode_whatever_the_umask(spool):
+    old = os.umask(0o077)
+    try:
+        mbox.append(spool, "alice", [b"From x Thu Jan  1 00:00:00 1970\n\nbody\n\n"], 0o660)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(os.path.join(spool, "alice")).st_mode & 0o777) == oct(0o660)
 
 
 def test_unsafe_mailbox_names_are_refused_before_any_file_is_touched(spool):

@@ -27,6 +27,7 @@ from setproctitle import setproctitle
 from .. import config as configuration
 from .. import credentials, logs
 from ..config import Config
+from ..layout import DEFAULT_SPOOL
 from ..service import Service
 from ..store.delivery import Delivery
 from .listeners import Listener
@@ -258,7 +259,8 @@ class Master:
         what = child.role
         code = os.waitstatus_to_exitcode(status)
         if code == WORKER_BOOT_ERROR:
-            raise MasterError(f"{what} could not start (exit {code}); see the log above")
+            raise MasterError(f"{what} could not start (exit {code}; its error is above): "
+                              "stopping, as another would fail the same way")
         if child.retiring or self.stop_mode is not None:
             log.debug("%s (pid %d) exited", what, child.pid)
             return
@@ -314,7 +316,8 @@ class Master:
         except configuration.ConfigError as e:
             log.error("SIGHUP: reload failed, keeping the running configuration: %s", e)
             return
-        fixed = ("listen", "user", "group", "spool_dir")
+        # spool_group too: the spool's group was set as root at start.
+        fixed = ("listen", "user", "group", "spool_dir", "spool_group")
         changed = [name for name in fixed if getattr(new, name) != getattr(self.config, name)]
         if changed:
             log.warning("SIGHUP: %s cannot change without a restart; keeping the old value(s)",
@@ -339,7 +342,7 @@ class Master:
         fast = self.stop_mode == "fast"
         log.info("%s stop: stopping %d worker(s)", "fast" if fast else "graceful",
                  len(self.workers(current_only=False)))
-        setproctitle(f"ccsmtp: master [{'fast' if fast else 'graceful'} stop]")
+        setproctitle(f"ccsmtp: master [{'fast' if fast else 'graceful'} stop]{self._spool_mark()}")
         for listener in self.listeners:
             listener.sock.close()
         worker_signal = signal.SIGQUIT if fast else signal.SIGTERM
@@ -370,5 +373,12 @@ class Master:
 
     def _set_title(self) -> None:
         listen = " ".join(str(a) for a in self.config.listen)
-        setproctitle(f"ccsmtp: master -w {self.num_workers} {listen}")
+        setproctitle(f"ccsmtp: master -w {self.num_workers} {listen}{self._spool_mark()}")
+
+    def _spool_mark(self) -> str:
+        """The end of the title, ' -s SPOOL', unless the spool is the default:
+        ccsmtp-status finds each instance's spool there, the one place of a process
+        that dropped root which its own user can still read (tools/status.py)."""
+        spool = self.config.spool_dir
+        return "" if spool == DEFAULT_SPOOL else f" -s {spool}"
 

@@ -57,6 +57,15 @@ def resolve(user: str | None, group: str | None) -> Identity:
     return Identity(user, entry.pw_uid, gid)
 
 
+def resolve_group(name: str, setting: str) -> int:
+    """The gid of group NAME, named in SETTING (e.g. spool_group)."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise PrivilegeError(f"{setting}: unknown group {name!r} (create it with groupadd, "
+                             f"or fix {setting})") from None
+
+
 def raise_open_files_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(soft, WANTED_OPEN_FILES)
@@ -71,6 +80,9 @@ def raise_open_files_limit() -> int:
 
 
 def drop(identity: Identity) -> None:
+    # No supplementary group, not even spool_group: mailboxes get that group from the
+    # spool directory's set-group-ID bit (spool.prepare), so no process facing the
+    # network holds a group (say "mail") that could write elsewhere.
     os.setgroups([])
     os.setgid(identity.gid)
     os.setuid(identity.uid)

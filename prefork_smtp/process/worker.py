@@ -7,8 +7,12 @@ accepting, 421 to idle sessions, let open transactions finish within
 graceful_timeout; fast on QUIT), retiring after max_sessions_per_worker or over
 max_worker_rss, and exiting when the master is gone.
 Must not: open mailboxes (delivery does) or run as root (the master dropped it).
-Exit codes: 0 after a stop or retirement, WORKER_BOOT_ERROR if it could not start
-(the master then stops rather than fork-loop).
+Exit codes: 0 after a stop or retirement; WORKER_BOOT_ERROR, after one log line, if
+it cannot start serving (its event loop cannot be set up, a service cannot start,
+e.g. the queue is no longer writable, or a listener is unusable): a fresh worker
+would fail the same way, so the master stops rather than fork-loop. Short of a
+resource at start (EMFILE, ENOMEM...) it exits 1 instead: that may pass, and the
+master's back-off for children that die at start-up retries a few times first.
 """
 
 from __future__ import annotations
@@ -52,6 +56,17 @@ RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RETIRE, GRACEFUL, FAST = "retire", "graceful", "fast"
 STOP_MODES = ("", RETIRE, GRACEFUL, FAST)
 RSS_CHECK_S = 5.0
+
+
+class WorkerBootError(Exception):
+    """This worker cannot start serving; str() names what failed, __cause__ why."""
+
+
+def _describe(error: BaseException | None) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error) or type(error).__name__
 
 
 class WorkerHooks(SessionHooks):
@@ -129,11 +144,30 @@ class Worker:
         self._reset_signals()
         setproctitle(f"ccsmtp: worker {self.worker_id} [starting]")
         try:
-            asyncio.run(self._serve())
+            runner = asyncio.Runner()
+            runner.get_loop()   # the selector and self-pipe: descriptors, memory
+        except Exception as e:
+            return self._cannot_start("cannot set up its event loop", e)
+        try:
+            with runner:
+                runner.run(self._serve())
+        except WorkerBootError as e:
+            return self._cannot_start(str(e), e.__cause__)
         except Exception:
             log.exception("worker %d crashed", self.worker_id)
             return 1
         return 0
+
+    def _cannot_start(self, what: str, error: BaseException | None) -> int:
+        """One log line; the exit code tells the master whether to try again."""
+        reason = _describe(error)
+        if isinstance(error, MemoryError) or (isinstance(error, OSError)
+                                               and error.errno in RESOURCE_ERRNOS):
+            log.error("worker %d cannot start: %s: %s (short of a resource: may pass)",
+                      self.worker_id, what, reason)
+            return 1
+        log.critical("worker %d cannot start: %s: %s", self.worker_id, what, reason)
+        return WORKER_BOOT_ERROR
 
     @staticmethod
     def _reset_signals() -> None:
@@ -151,18 +185,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
         login = LoginChecker(self.credentials.users, ThrottleRegion(self.shared.throttle, self.slot),
                              self.config.domains)
-        context = WorkerContext(self.worker_id, self.config, self.hooks, self.notify,
-                                tls=self.credentials.tls, login=login)
-        running: dict[str, RunningService] = {}
-        for listener in self.listeners:
-            service = self.services[listener.address.service]
-            if service.family not in running:
-                running[service.family] = service.start(context)
-            factory = functools.partial(self._new_session, running[service.family],
-                                        listener.address)
-            await loop.create_server(factory, sock=listener.sock, backlog=ACCEPT_BATCH)
-            # create_server shrank the kernel's queue to the batch
-            listener.sock.listen(LISTEN_BACKLOG)
+        running = await self._start_services(loop, login)
         heartbeat = loop.create_task(self._heartbeat())
         log.debug("worker %d serving", self.worker_id)
         await self._stop.wait()
@@ -180,6 +203,29 @@ class Worker:
         for service in running.values():
             await service.close()
         login.close()
+
+    async def _start_services(self, loop: asyncio.AbstractEventLoop,
+                              login: LoginChecker) -> dict[str, RunningService]:
+        """Start the service of each listener and accept on it; WorkerBootError if not."""
+        context = WorkerContext(self.worker_id, self.config, self.hooks, self.notify,
+                                tls=self.credentials.tls, login=login)
+        running: dict[str, RunningService] = {}
+        for listener in self.listeners:
+            service = self.services[listener.address.service]
+            if service.family not in running:
+                try:
+                    running[service.family] = service.start(context)
+                except Exception as e:
+                    raise WorkerBootError(f"the {service.name} service") from e
+            factory = functools.partial(self._new_session, running[service.family],
+                                        listener.address)
+            try:
+                await loop.create_server(factory, sock=listener.sock, backlog=ACCEPT_BATCH)
+                # create_server shrank the kernel's queue to the batch
+                listener.sock.listen(LISTEN_BACKLOG)
+            except Exception as e:
+                raise WorkerBootError(f"listener {listener.address}") from e
+        return running
 
     def _broke(self, why: object) -> None:
         log.error("worker %d is short of resources (%s): retiring it", self.worker_id, why)

@@ -7,6 +7,7 @@ from ..config import Config, ListenAddress
 from ..service import WorkerContext
 from ..store.committer import GroupCommitter
 from ..store.mailboxes import Router
+from ..store.spool import check_queue_writable
 from .session import SMTPSession
 
 
@@ -18,6 +19,9 @@ def router_for(config: Config) -> Router:
 class SMTPService:
     def __init__(self, context: WorkerContext):
         self.context = context
+        # Without a writable queue every message would get a 451: fail to start
+        # instead (the master then stops with this error rather than fork-loop).
+        check_queue_writable(context.config.spool_dir)
         self.config = context.config
         self.router = router_for(context.config)
         self.committer = GroupCommitter(context.config.spool_dir, context.notify_delivery,

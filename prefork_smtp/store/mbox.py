@@ -1,7 +1,7 @@
 """mboxrd mailboxes: formatting a delivered copy and appending it under lock.
 
-Owns: the From_ line, Return-Path and Received headers, '>From ' quoting, and the
-locking protocol mutt and Dovecot expect (a dot-lock SPOOL/NAME.lock plus an fcntl
+Owns: the From_ line, Return-Path and Received headers, '>From ' quoting, removing
+the state headers of mail readers from incoming mail (SPEC §6), and the locking protocol mutt and Dovecot expect (a dot-lock SPOOL/NAME.lock plus an fcntl
 write lock on the file; we use an open-file-description lock, which conflicts with
 their POSIX locks but not with our own other threads or processes).
 Must not: write anywhere but SPOOL/NAME and SPOOL/NAME.lock for a safe NAME.
@@ -63,8 +63,113 @@ def format_copy(envelope: Envelope, content: Iterable[bytes], *, queue_id: str,
         f"\tfor <{recipient}>; {rfc2822_date(received_at)}\n"
     )
     yield (from_line + trace).encode("utf-8")
-    yield from mboxrd_body(content)
+    yield from mboxrd_body(without_state_headers(content))
     yield b"\n"
+
+
+# SPEC §6: fields in which mail readers and stores keep their own state (mutt and
+# Dovecot read Status, X-Status, X-Keywords, X-UID, X-IMAP, X-IMAPbase and
+# Content-Length from an mbox), and the per-copy header we add ourselves,
+# Return-Path (RFC 5321 §4.4: a server making final delivery MAY remove incoming
+# ones before adding its own; Postfix's cleanup does). Received is trace, not
+# per-copy state: incoming ones stay (they are what the hop count counts).
+STATE_HEADERS = frozenset({b"status", b"x-status", b"x-keywords", b"x-uid", b"x-imap",
+                           b"x-imapbase", b"content-length", b"return-path"})
+# Substrings of those names, to let a header section that has none of them through
+# in one piece (most mail).
+_STATE_HINTS = (b"status", b"x-keywords", b"x-uid", b"x-imap", b"content-length",
+                b"return-path")
+_LONGEST_STATE_NAME = max(map(len, STATE_HEADERS))
+# RFC 5322 §3.6.8 field name: printable US-ASCII except ':'. Dovecot also accepts
+# blanks between the name and the colon (obs-optional), so we do too.
+_FIELD_NAME = re.compile(rb"[!-9;-~]*")
+# A line start of "Status" and blanks this long with no colon yet is dropped
+# undecided (RFC 5322's line limit), so an undecided start is never held unbounded.
+_UNDECIDED_MAX = 998
+_HEADER_END = re.compile(rb"(?:^|\n)\r?\n")
+_KEEP, _DROP, _FOLDED, _END, _UNDECIDED = range(5)
+
+
+def without_state_headers(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """The content with every STATE_HEADERS field (and its folded lines) removed from
+    the header section, case-insensitively; the body, from the first empty line on,
+    is passed through unscanned. Streaming: a line may be cut anywhere between
+    pieces, and only the first bytes of a line are ever held back (to see its name)."""
+    rest = iter(pieces)
+    pending = b""          # the start of a line, too short yet to say what it is
+    in_line = False        # inside a line already classified (its LF not seen yet)
+    keep_line = True       # ... and whether that line is kept
+    keep_field = True      # whether the current field is kept: its folded lines follow it
+    first = True
+    for piece in rest:
+        if first:
+            first = False
+            if _no_state_header(piece):
+                yield piece
+                yield from rest
+                return
+        text = pending + piece if pending else piece
+        pending = b""
+        out = []
+        pos, size = 0, len(text)
+        while pos < size:
+            if not in_line:
+                kind = _classify(text[pos:pos + _UNDECIDED_MAX])
+                if kind == _UNDECIDED:
+                    pending = text[pos:]
+                    break
+                if kind == _END:
+                    out.append(text[pos:])
+                    yield b"".join(out)
+                    yield from rest
+                    return
+                if kind == _FOLDED:
+                    keep_line = keep_field
+                else:
+                    keep_line = keep_field = kind == _KEEP
+            end = text.find(b"\n", pos)
+            stop = size if end < 0 else end + 1
+            if keep_line:
+                out.append(text[pos:stop])
+            in_line = end < 0
+            pos = stop
+        if out:
+            yield b"".join(out)
+    if pending:            # the message ends inside a line start without a colon
+        yield pending
+
+
+def _no_state_header(piece: bytes) -> bool:
+    """The whole header section is in this piece and names none of STATE_HEADERS."""
+    match = _HEADER_END.search(piece)
+    if match is None:
+        return False
+    head = piece[:match.start()].lower()
+    return not any(hint in head for hint in _STATE_HINTS)
+
+
+def _classify(start: bytes) -> int:
+    """What the header-section line beginning with START is: a field to keep or to
+    drop, a folded continuation, the empty line that ends the section, or
+    _UNDECIDED if START is too short to tell."""
+    if not start:
+        return _UNDECIDED
+    if start[0] in b" \t":
+        return _FOLDED
+    if start[0] == 0x0A or start.startswith(b"\r\n"):
+        return _END
+    if start == b"\r":
+        return _UNDECIDED
+    name = _FIELD_NAME.match(start).group()
+    after = start[len(name):]
+    if not after:
+        return _UNDECIDED if len(name) <= _LONGEST_STATE_NAME else _KEEP
+    if name.lower() not in STATE_HEADERS:
+        return _KEEP     # another field, or not a field at all (kept: it is not ours to judge)
+    after = after.lstrip(b" \t")
+    if not after:
+        return _UNDECIDED if len(start) < _UNDECIDED_MAX else _DROP
+    return _DROP if after[:1] == b":" else _KEEP
 
 
 def mboxrd_body(pieces: Iterable[bytes]) -> Iterator[bytes]:
@@ -214,6 +319,10 @@ def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o60
                          | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
             created = True
         try:
+            if created:
+                # spool_mode as configured (0o660 for spool_group), whatever the umask;
+                # the group comes from the spool's set-group-ID bit (spool.prepare).
+                os.fchmod(fd, mode)
             _append_locked(fd, data, mailbox, journal)
         finally:
             os.close(fd)   # closing the description releases the OFD lock

@@ -1,7 +1,8 @@
 """ccsmtp-send: a small SMTP client that sends one message or drives load.
 
 Owns: speaking the client side of SMTP over asyncio (EHLO, PIPELINING when the
-server offers it, SIZE, dot-stuffing), the send mode (one message from a file or
+server offers it, SIZE, dot-stuffing; TLS, implicit or by STARTTLS, with session
+resumption on reconnects), the send mode (one message from a file or
 stdin, print the server's final reply), the load mode (many messages over many
 concurrent sessions, with latency and error statistics, text or JSON) and the
 idle mode (hold connections open while a load runs, to see whether a fresh client
@@ -17,6 +18,14 @@ connection from the start of connect() to the 250 after the final dot (so it
 includes connecting, the greeting and EHLO), for later messages on the same
 connection from writing MAIL FROM to that 250. Session time is connect() to the
 reply to QUIT; greeting time is connect() to the 220.
+
+TLS: --tls speaks TLS from the first byte (smtps, RFC 8314; port 465 by default),
+--starttls says STARTTLS after EHLO and EHLOs again (RFC 3207), in both modes. The
+server's certificate is verified against the system's CAs (--cafile: these instead;
+--insecure: not at all). A server that does not offer STARTTLS, refuses it, or says
+anything between its reply to STARTTLS and the handshake is an error: nothing is
+ever sent in the clear instead. In load mode each sender offers the TLS session of
+its previous connection, and the report says how many handshakes resumed one.
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextvars
 import email.utils
 import json
 import os
 import re
 import resource
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +50,7 @@ from ..net.tcp import stream_transport
 
 PROG = "ccsmtp-send"
 DEFAULT_PORT = 25
+DEFAULT_TLS_PORT = 465          # smtps, RFC 8314 §7.3
 DEFAULT_TIMEOUT_S = 60.0
 # RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; be generous, but a server
 # that never sends a line end must not grow our buffer without bound.
@@ -187,6 +199,10 @@ class ClientProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
 
+    def pending(self) -> bool:
+        """Anything received and not read yet?"""
+        return bool(self.replies or self._lines or self._partial)
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -205,19 +221,106 @@ class Session:
     eightbit_ok: bool
     greeted_at: float
     started_at: float
+    tls: ssl.SSLObject | None = None    # once TLS is on
 
 
-def resolve(server: str) -> tuple[int, tuple]:
-    """HOST:PORT, [V6]:PORT or HOST -> (family, sockaddr), resolved once up front."""
+# --- TLS -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TLSPlan:
+    """How to speak TLS: "tls" from the first byte (RFC 8314), or "starttls" (RFC 3207)."""
+    mode: str
+    context: ssl.SSLContext
+    server_hostname: str
+
+
+# The TLS session to offer in this task's next handshake. asyncio's
+# create_connection() and start_tls() take no session, but both call the context's
+# wrap_bio() in the task that connects, and each load sender is a task of its own.
+_RESUME: contextvars.ContextVar[ssl.SSLSession | None] = contextvars.ContextVar(
+    "ccsmtp_send_resume", default=None)
+
+
+class _ResumingContext(ssl.SSLContext):
+    """An SSLContext that offers _RESUME's session (it must come from this context)."""
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None,
+                 session=None):
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                session if session is not None else _RESUME.get())
+
+
+def tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
+    """ssl.create_default_context()'s client settings (TLS 1.2 or newer, certificate
+    and host name verified), on a context that can resume sessions."""
+    context = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        if cafile:
+            context.load_verify_locations(cafile)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    except (OSError, ssl.SSLError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else getattr(e, "reason", e)
+        raise SMTPClientError(f"cannot read --cafile {cafile}: {reason}") from None
+    return context
+
+
+def tls_failure(where: str, error: BaseException) -> SMTPClientError:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        detail = (f"certificate not trusted: {error.verify_message} "
+                  "(give --cafile FILE, or --insecure to skip the check)")
+    elif isinstance(error, ssl.SSLError):
+        detail = error.reason or str(error)
+    else:   # the server closed or reset, or the handshake timed out
+        detail = str(error) or type(error).__name__
+    return SMTPClientError(f"TLS handshake with {where} failed: {detail}", "tls")
+
+
+async def start_tls(proto: ClientProtocol, tls: TLSPlan, keywords: set[bytes],
+                    timeout_s: float, where: str) -> None:
+    """STARTTLS on a greeted, EHLO'd connection (RFC 3207 §4)."""
+    if b"STARTTLS" not in keywords:
+        raise SMTPClientError(f"{where} does not offer STARTTLS (and --starttls never falls "
+                              "back to sending in the clear)", "starttls")
+    proto.write(b"STARTTLS\r\n")
+    (reply,) = await proto.read(1, timeout_s, "STARTTLS")
+    if reply.code != 220:
+        raise SMTPClientError(f"STARTTLS refused: {reply.text}", "starttls")
+    if proto.pending():
+        # Bytes after the 220 but before the handshake would be taken as said under
+        # TLS (the client side of CVE-2011-0411): refuse them.
+        raise SMTPClientError("server sent more after its reply to STARTTLS", "protocol")
+    assert proto.transport is not None
+    try:
+        proto.transport = await asyncio.get_running_loop().start_tls(
+            proto.transport, proto, tls.context, server_hostname=tls.server_hostname,
+            ssl_handshake_timeout=timeout_s)
+    except (OSError, asyncio.TimeoutError) as e:   # ssl.SSLError is an OSError
+        raise tls_failure(where, e) from None
+
+
+def parse_server(server: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, HOST or :PORT -> (host, port); no name is looked up."""
     match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]*)(?::(\d+))?", server)
     if not match:
         raise SMTPClientError(f"--server {server!r} is not HOST:PORT ([::1]:25 for IPv6)",
                               "usage")
     host = match.group(1) or match.group(3) or "127.0.0.1"
-    port = int(match.group(2) or match.group(4) or DEFAULT_PORT)
+    port = int(match.group(2) or match.group(4) or default_port)
     if not 0 < port < 65536:
         raise SMTPClientError(f"--server {server!r}: port {port} is out of range 1-65535",
                               "usage")
+    return host, port
+
+
+def resolve(server: str, default_port: int = DEFAULT_PORT) -> tuple[int, tuple]:
+    """--server -> (family, sockaddr), resolved once up front."""
+    host, port = parse_server(server, default_port)
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -231,12 +334,16 @@ def server_name(sockaddr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def connect(family: int, sockaddr: tuple, timeout_s: float) -> ClientProtocol:
+async def connect(family: int, sockaddr: tuple, timeout_s: float,
+                  tls: TLSPlan | None = None) -> ClientProtocol:
+    """A TCP connection; with tls.mode "tls", its handshake done too."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout_s)
+        if tls is not None and tls.mode == "tls":
+            return await _connect_tls(loop, sock, sockaddr, tls, timeout_s)
         _, proto = await loop.create_connection(ClientProtocol, sock=sock)
     except asyncio.TimeoutError:
         sock.close()
@@ -250,30 +357,53 @@ async def connect(family: int, sockaddr: tuple, timeout_s: float) -> ClientProto
     return proto
 
 
-async def open_session(family: int, sockaddr: tuple, helo: str, timeout_s: float) -> Session:
+async def _connect_tls(loop: asyncio.AbstractEventLoop, sock: socket.socket, sockaddr: tuple,
+                       tls: TLSPlan, timeout_s: float) -> ClientProtocol:
+    try:
+        _, proto = await loop.create_connection(
+            ClientProtocol, sock=sock, ssl=tls.context, server_hostname=tls.server_hostname,
+            ssl_handshake_timeout=timeout_s)
+    except (OSError, asyncio.TimeoutError) as e:   # ssl.SSLError is an OSError
+        sock.close()
+        raise tls_failure(server_name(sockaddr), e) from None
+    return proto
+
+
+async def open_session(family: int, sockaddr: tuple, helo: str, timeout_s: float,
+                       tls: TLSPlan | None = None) -> Session:
     started = time.perf_counter()
-    proto = await connect(family, sockaddr, timeout_s)
+    proto = await connect(family, sockaddr, timeout_s, tls)
     try:
         (greeting,) = await proto.read(1, timeout_s, "the connection (greeting)")
         greeted = time.perf_counter()
         if greeting.code != 220:
             raise SMTPClientError(f"server refused the session: {greeting.text}", "greeting")
-        proto.write(b"EHLO %s\r\n" % helo.encode())
-        (ehlo,) = await proto.read(1, timeout_s, "EHLO")
-        keywords: set[bytes] = set()
-        if ehlo.code == 250:
-            keywords = {line[4:].split(b" ", 1)[0].upper() for line in ehlo.lines[1:]}
-        else:
-            # RFC 5321 §3.2: a server that does not know EHLO gets HELO.
-            proto.write(b"HELO %s\r\n" % helo.encode())
-            (reply,) = await proto.read(1, timeout_s, "HELO")
-            if reply.code != 250:
-                raise SMTPClientError(f"HELO refused: {reply.text}", "ehlo")
+        keywords = await hello(proto, helo, timeout_s)
+        if tls is not None and tls.mode == "starttls":
+            await start_tls(proto, tls, keywords, timeout_s, server_name(sockaddr))
+            # RFC 3207 §4.2: what was said before TLS is forgotten; ask again.
+            keywords = await hello(proto, helo, timeout_s)
     except BaseException:
         proto.abort()
         raise
+    assert proto.transport is not None
     return Session(proto, b"PIPELINING" in keywords, b"SIZE" in keywords,
-                   b"8BITMIME" in keywords, greeted, started)
+                   b"8BITMIME" in keywords, greeted, started,
+                   proto.transport.get_extra_info("ssl_object"))
+
+
+async def hello(proto: ClientProtocol, helo: str, timeout_s: float) -> set[bytes]:
+    """EHLO (HELO if the server does not know it); the extensions offered."""
+    proto.write(b"EHLO %s\r\n" % helo.encode())
+    (ehlo,) = await proto.read(1, timeout_s, "EHLO")
+    if ehlo.code == 250:
+        return {line[4:].split(b" ", 1)[0].upper() for line in ehlo.lines[1:]}
+    # RFC 5321 §3.2: a server that does not know EHLO gets HELO.
+    proto.write(b"HELO %s\r\n" % helo.encode())
+    (reply,) = await proto.read(1, timeout_s, "HELO")
+    if reply.code != 250:
+        raise SMTPClientError(f"HELO refused: {reply.text}", "ehlo")
+    return set()
 
 
 @dataclass(slots=True)
@@ -512,6 +642,14 @@ class LoadStats:
     idle_held: int = 0
     idle_errors: collections.Counter = field(default_factory=collections.Counter)
     elapsed_s: float = 0.0
+    tls_handshakes: int = 0
+    tls_resumed: int = 0
+    tls_versions: collections.Counter = field(default_factory=collections.Counter)
+
+    def handshake(self, tls: ssl.SSLObject) -> None:
+        self.tls_handshakes += 1
+        self.tls_resumed += tls.session_reused
+        self.tls_versions[tls.version() or "?"] += 1
 
     def error(self, error: SMTPClientError, messages: int = 1) -> None:
         self.failed += messages
@@ -534,6 +672,7 @@ class LoadPlan:
     idle: int
     hold_s: float
     rotate: bool = False
+    tls: TLSPlan | None = None
 
     def recipients_of(self, seq: int) -> tuple[str, ...]:
         if self.rotate:
@@ -587,7 +726,8 @@ class Load:
                     self.stats.idle_errors["stalled"] += 1
                     return None
                 try:
-                    proto = await connect(self.plan.family, self.plan.sockaddr, self.plan.timeout_s)
+                    proto = await connect(self.plan.family, self.plan.sockaddr,
+                                          self.plan.timeout_s, self.plan.tls)
                 except SMTPClientError as e:
                     self.stats.idle_errors[e.kind] += 1
                     return None
@@ -617,13 +757,19 @@ class Load:
             await self._connection(batch)
 
     async def _connection(self, batch: range) -> None:
+        """One connection for BATCH. With TLS, the handshake offers the session of this
+        sender's previous connection (_RESUME is per task), and this one's is kept."""
         plan, stats = self.plan, self.stats
         stats.connections += 1
         try:
-            session = await open_session(plan.family, plan.sockaddr, plan.helo, plan.timeout_s)
+            session = await open_session(plan.family, plan.sockaddr, plan.helo, plan.timeout_s,
+                                         plan.tls)
         except SMTPClientError as e:
             stats.error(e, len(batch))
             return
+        if session.tls is not None:
+            stats.handshake(session.tls)
+            _RESUME.set(session.tls.session)
         stats.greetings_s.append(session.greeted_at - session.started_at)
         quit_sent = False
         for i, seq in enumerate(batch):
@@ -692,6 +838,11 @@ def report(stats: LoadStats, plan: LoadPlan, message_size: int) -> dict:
         "first_errors": stats.first_errors,
         "idle": {"requested": stats.idle_requested, "held": stats.idle_held,
                  "errors": dict(stats.idle_errors)} if stats.idle_requested else None,
+        "tls": {"mode": plan.tls.mode, "handshakes": stats.tls_handshakes,
+                "resumed": stats.tls_resumed,
+                "resumed_fraction": stats.tls_resumed / stats.tls_handshakes
+                if stats.tls_handshakes else 0.0,
+                "versions": dict(stats.tls_versions)} if plan.tls else None,
     }
 
 
@@ -711,6 +862,11 @@ def format_report(r: dict) -> str:
         f"connections {r['connections']}, concurrency {r['concurrency']}, "
         f"{r['per_connection']} per connection",
     ]
+    if r["tls"]:
+        tls = r["tls"]
+        versions = ", ".join(f"{v} {n}" for v, n in sorted(tls["versions"].items())) or "none"
+        lines.append(f"TLS ({tls['mode']}): {tls['handshakes']} handshakes, {tls['resumed']} "
+                     f"resumed a session ({tls['resumed_fraction']:.1%}); {versions}")
     if r["idle"]:
         idle = r["idle"]
         failed = ", ".join(f"{k} {v}" for k, v in sorted(idle["errors"].items())) or "none"
@@ -755,14 +911,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="envelope sender (default: ccsmtp-send@HELO); '' for <>")
     p.add_argument("--to", action="append", default=[], metavar="ADDR",
                    help="envelope recipient, repeatable (required)")
-    p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
-                   help="server to talk to (default: %(default)s; [::1]:25 for IPv6)")
+    p.add_argument("--server", default="", metavar="HOST:PORT",
+                   help=f"server to talk to (default: 127.0.0.1:{DEFAULT_PORT}, "
+                        f"with --tls 127.0.0.1:{DEFAULT_TLS_PORT}; [::1]:25 for IPv6)")
     p.add_argument("--helo", default=None, metavar="NAME",
                    help="name to give in EHLO (default: this host's name)")
     p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="wait at most this long for a connection or a reply (default: %(default)g)")
     p.add_argument("--slow", type=_nonnegative_float, default=0.0, metavar="SECONDS-PER-LINE",
                    help="sleep this long before each line of the message content")
+    tls = p.add_argument_group("TLS")
+    how = tls.add_mutually_exclusive_group()
+    how.add_argument("--tls", action="store_true",
+                     help=f"TLS from the first byte (smtps, RFC 8314; port {DEFAULT_TLS_PORT} "
+                          "unless --server names one)")
+    how.add_argument("--starttls", action="store_true",
+                     help="STARTTLS after EHLO, then EHLO again (RFC 3207); a server that "
+                          "does not offer it or refuses it is an error, never a plain send")
+    tls.add_argument("--cafile", metavar="FILE",
+                     help="trust the CA certificates in FILE (PEM) instead of the system's")
+    tls.add_argument("--insecure", action="store_true",
+                     help="do not verify the server's certificate (tests, benchmarks)")
     load = p.add_argument_group("load mode")
     load.add_argument("--count", type=_nonnegative_int, default=None, metavar="N",
                       help="send N messages (turns on load mode)")
@@ -822,8 +991,13 @@ def read_message(path: str | None) -> bytes:
         raise SMTPClientError(f"cannot read message {path}: {e.strerror}") from None
 
 
-async def send_one(args: argparse.Namespace, family: int, sockaddr: tuple, wire: bytes) -> dict:
-    session = await open_session(family, sockaddr, args.helo, args.timeout)
+async def send_one(args: argparse.Namespace, family: int, sockaddr: tuple, wire: bytes,
+                   tls: TLSPlan | None = None) -> dict:
+    session = await open_session(family, sockaddr, args.helo, args.timeout, tls)
+    tls_info = None
+    if session.tls is not None:
+        tls_info = {"mode": tls.mode if tls else "", "version": session.tls.version(),
+                    "cipher": (session.tls.cipher() or ("",))[0]}
     try:
         outcome = await send_message(session, args.mail_from, args.to, wire, args.timeout,
                                      args.slow, quit_after=session.pipelining)
@@ -832,7 +1006,8 @@ async def send_one(args: argparse.Namespace, family: int, sockaddr: tuple, wire:
         raise
     await quit_session(session, args.timeout, sent=session.pipelining)
     return {"reply": "\n".join(line.decode("utf-8", "replace") for line in outcome.final.lines),
-            "rejected": {rcpt: reply.text for rcpt, reply in outcome.rejected}}
+            "rejected": {rcpt: reply.text for rcpt, reply in outcome.rejected},
+            "tls": tls_info}
 
 
 def run(argv: Sequence[str] | None) -> int:
@@ -855,18 +1030,33 @@ def run(argv: Sequence[str] | None) -> int:
         check_address(rcpt, "--to")
     if any(c in args.helo for c in " \t\r\n"):
         raise SMTPClientError(f"--helo {args.helo!r}: must be one word", "usage")
-    family, sockaddr = resolve(args.server)
+    default_port = DEFAULT_TLS_PORT if args.tls else DEFAULT_PORT
+    family, sockaddr = resolve(args.server, default_port)
+    tls = tls_plan(args, parse_server(args.server, default_port)[0])
     if load_mode:
-        return run_load(args, family, sockaddr)
+        return run_load(args, family, sockaddr, tls)
     wire = prepare_single(read_message(args.message))
-    result = asyncio.run(send_one(args, family, sockaddr, wire))
+    result = asyncio.run(send_one(args, family, sockaddr, wire, tls))
     for rcpt, text in result["rejected"].items():
         sys.stderr.write(f"{PROG}: warning: recipient <{rcpt}> refused: {text}\n")
     print(json.dumps(result) if args.json else result["reply"])
     return 1 if result["rejected"] else 0
 
 
-def run_load(args: argparse.Namespace, family: int, sockaddr: tuple) -> int:
+def tls_plan(args: argparse.Namespace, host: str) -> TLSPlan | None:
+    if not (args.tls or args.starttls):
+        for option, given in (("--cafile", args.cafile), ("--insecure", args.insecure)):
+            if given:
+                raise SMTPClientError(f"{option} needs --tls or --starttls", "usage")
+        return None
+    if args.cafile and args.insecure:
+        raise SMTPClientError("give --cafile or --insecure, not both", "usage")
+    return TLSPlan("tls" if args.tls else "starttls", tls_context(args.cafile, args.insecure),
+                   host)
+
+
+def run_load(args: argparse.Namespace, family: int, sockaddr: tuple,
+             tls: TLSPlan | None = None) -> int:
     count = args.count or 0
     if args.message is not None and args.size is not None:
         raise SMTPClientError("give either a MESSAGE template or --size, not both", "usage")
@@ -877,7 +1067,7 @@ def run_load(args: argparse.Namespace, family: int, sockaddr: tuple) -> int:
                              1024 if args.size is None else args.size, template, args.rotate)
     plan = LoadPlan(family, sockaddr, args.helo, args.mail_from, tuple(args.to), count,
                     min(args.concurrency, max(count, 1)), args.per_connection, args.slow,
-                    args.timeout, args.idle, args.hold, args.rotate)
+                    args.timeout, args.idle, args.hold, args.rotate, tls)
     stats = asyncio.run(Load(plan, factory).run())
     result = report(stats, plan, factory.message_size)
     result["run_id"] = run_id
