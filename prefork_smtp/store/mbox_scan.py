@@ -332,19 +332,33 @@ def _find(fd: int, needle: bytes, lo: int, hi: int) -> int:
 
 def _line_pieces(fd: int, lo: int, hi: int, piece_bytes: int) -> Iterator[tuple[bytes, bool]]:
     """Bytes [lo, hi) of the file in pieces that end after an LF where a piece holds
-    one, with whether each starts a line (lo does)."""
+    one, with whether each starts a line (lo does). A piece that starts a line is
+    long enough to tell whether the line is a quoted '>+From ' one."""
     pos, starts = lo, True
     while pos < hi:
-        data = os.pread(fd, min(piece_bytes, hi - pos), pos)
-        if not data:
-            raise MailboxChanged("mailbox shorter than expected")
-        if pos + len(data) < hi:
+        want = min(piece_bytes, hi - pos)
+        while True:
+            data = os.pread(fd, want, pos)
+            if not data:
+                raise MailboxChanged("mailbox shorter than expected")
+            if pos + len(data) >= hi:
+                break
             cut = data.rfind(b"\n") + 1
             if cut:
                 data = data[:cut]
+                break
+            if not (starts and _undecided(data)):
+                break
+            want = min(2 * want, hi - pos)      # a line of '>'s longer than a piece
         yield data, starts
         starts = data[-1] == 10
         pos += len(data)
+
+
+def _undecided(line_start: bytes) -> bool:
+    """Whether more of a line is needed to tell if it is a quoted '>+From ' line."""
+    rest = line_start.lstrip(b">")
+    return len(rest) < len(line_start) and len(rest) < 5 and b"From ".startswith(rest)
 
 
 # --- the visible form ------------------------------------------------------------------
