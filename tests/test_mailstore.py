@@ -643,3 +643,208 @@ def test_a_reader_changed_under_raises_instead_of_giving_wrong_bytes(spool):
     box.refresh(wait=True)
     with pytest.raises(mailstore.MessageGone):
         box.content(2)
+
+
+# --- kill -9 ----------------------------------------------------------------------------
+# A child doing expunges (IMAP and POP3 ways) is killed at random moments while another
+# process delivers with mbox.append. After each kill, with delivery paused: the file
+# is exactly the expected messages, byte for byte, each once; a removal in flight
+# removed all of its messages or none; reopening gives every survivor its old UID.
+
+KILL_ITERATIONS = int(os.environ.get("MAILSTORE_KILL_ITERATIONS", "300"))
+KILL_MAILBOX_BYTES = 400_000
+
+
+def token_copy(token: int) -> bytes:
+    filler = b"x" * (20_000 if token % 10 == 0 else 300)
+    content = (b"Subject: tok-%d\r\n\r\nFrom a line start\r\n>From quoted\r\n%s\r\n" % (token, filler))
+    return copy_bytes(content, token)
+
+
+def _appender(spool: str, log_path: str, pause, paused, stop) -> None:
+    import random
+    rng = random.Random(os.getpid())
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    token = 0
+    while not stop.is_set():
+        if pause.is_set():
+            paused.set()
+            while pause.is_set() and not stop.is_set():
+                time.sleep(0.001)
+            paused.clear()
+            continue
+        if os.path.getsize(os.path.join(spool, "alice")) > KILL_MAILBOX_BYTES:
+            time.sleep(0.002)
+            continue
+        try:
+            mbox.append(spool, "alice", [token_copy(token)])
+        except mbox.MailboxBusy:
+            time.sleep(0.001)
+            continue
+        os.write(log, b"%d\n" % token)
+        token += 1
+        time.sleep(rng.uniform(0, 0.004))
+
+
+def _expunger(spool: str, log_path: str, seed: int) -> None:
+    import random
+    mailstore._registry.clear()          # nothing shared with the parent after fork
+    rng = random.Random(seed)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    box = mailstore.Mailbox(spool, "alice")
+    while True:
+        try:
+            box.refresh(wait=True)
+            present = uids(box)
+            if len(present) < 15:
+                time.sleep(0.002)
+                continue
+            pick = rng.sample(present, rng.randint(1, 3))
+            tokens = {uid: _token_of(box.content(uid)) for uid in pick}
+        except (mailstore.MailboxBusy, mailstore.MailboxChanged, mailstore.MessageGone):
+            continue
+        os.write(log, b"intent %s\n" % b",".join(b"%d" % t for t in tokens.values()))
+        try:
+            if rng.random() < 0.5:
+                box.store_flags(pick, ["\\Deleted"], "add")
+                removed = box.expunge(pick)
+            else:
+                with mailstore.Pop3Maildrop(spool, "alice") as drop:
+                    numbers = [drop.uids.tolist().index(uid) + 1 for uid in pick if uid in drop.uids]
+                    removed = drop.commit(numbers)
+        except (mailstore.MailboxBusy, mailstore.MailboxInUse):
+            os.write(log, b"busy\n")
+            continue
+        os.write(log, b"done %s\n" % b",".join(b"%d" % tokens[uid] for uid in removed))
+        time.sleep(rng.uniform(0, 0.003))
+
+
+def _token_of(visible: bytes) -> int:
+    return int(re.search(rb"Subject: tok-(-?\d+)", visible).group(1))
+
+
+def _read_lines(path: str) -> list[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+class _KillBook:
+    """What the parent knows: tokens delivered, removed for sure, UIDs seen."""
+
+    def __init__(self):
+        self.deleted: set[int] = set()
+        self.uid_of: dict[int, int] = {}
+        self.token_of_uid: dict[int, int] = {}
+        self.uidvalidity = None
+        self.lines_seen = 0
+        self.figures = dict(iterations=0, killed_running=0, expunges=0, in_flight_old_set=0,
+                            in_flight_new_set=0, stale_index_after_kill=0, messages_checked=0)
+
+    def settle_expunges(self, lines: list[bytes], present: set[int]) -> None:
+        """The new lines of the log are the last child's, the last one killed."""
+        lines, self.lines_seen = lines[self.lines_seen:], len(lines)
+        in_flight: set[int] = set()
+        for line in lines:
+            word, _, rest = line.partition(b" ")
+            tokens = {int(t) for t in rest.split(b",") if t}
+            if word == b"intent":
+                in_flight = tokens
+            elif word == b"done":
+                self.deleted |= tokens
+                self.figures["expunges"] += 1
+                in_flight = set()
+            else:
+                in_flight = set()
+        assert not self.deleted & present, "a removed message came back"
+        if in_flight:
+            there = in_flight & present
+            assert there in (set(), in_flight - self.deleted), \
+                f"half of an interrupted removal: {in_flight} vs {there}"
+            if there:
+                self.figures["in_flight_old_set"] += 1
+            else:
+                self.figures["in_flight_new_set"] += 1
+                self.deleted |= in_flight
+
+    def check_mailbox(self, spool: str, delivered: list[int]) -> None:
+        data = raw(spool)
+        present = [int(re.search(rb"Subject: tok-(-?\d+)", region).group(1))
+                   for region in messages_of(data)]
+        assert len(present) == len(set(present)), "a message is there twice"
+        assert present == sorted(present), "messages out of order"
+        missing = set(delivered) - set(present) - self.deleted
+        return data, present, missing
+
+    def check(self, spool: str, appended_log: str, expunged_log: str) -> None:
+        delivered = [int(t) for t in _read_lines(appended_log)]
+        data, present, missing = self.check_mailbox(spool, delivered)
+        self.settle_expunges(_read_lines(expunged_log), set(present))
+        missing -= self.deleted
+        assert not missing, f"delivered messages lost: {sorted(missing)}"
+        assert data == b"".join(token_copy(t) for t in present), "the mailbox is not byte for byte"
+        assert [_token_of(m.as_bytes()) for m in mailbox.mbox(os.path.join(spool, "alice"))] == present
+        index = mailbox_index.Paths(spool, "alice").index
+        if os.path.exists(index):     # not before the first child built it
+            with open(index, "rb") as f:
+                header = mailbox_index.Header.unpack(f.read(mailbox_index.HEADER_BYTES))
+            if header.mbox_ino != os.stat(os.path.join(spool, "alice")).st_ino:
+                self.figures["stale_index_after_kill"] += 1
+        box = fresh(spool)
+        if self.uidvalidity is None:
+            self.uidvalidity = box.uidvalidity
+        assert box.uidvalidity == self.uidvalidity
+        seen = uids(box)
+        assert seen == sorted(set(seen))
+        assert len(seen) == len(present)
+        for uid, token in zip(seen, present):
+            visible = box.content(uid)
+            assert _token_of(visible) == token
+            assert visible == reference_visible(token_copy(token))
+            assert box.info(uid).size == len(visible)
+            assert self.uid_of.setdefault(token, uid) == uid, "a message changed its UID"
+            assert self.token_of_uid.setdefault(uid, token) == token, "a UID was reused"
+        self.figures["messages_checked"] += len(present)
+
+
+def test_expunges_killed_at_random_moments_never_lose_or_damage_mail(spool, tmp_path):
+    import random
+    rng = random.Random(20261129)
+    for token in range(-30, 0):
+        mbox.append(spool, "alice", [token_copy(token)])
+    appended_log, expunged_log = str(tmp_path / "appended"), str(tmp_path / "expunged")
+    with open(appended_log, "wb") as f:
+        f.write(b"".join(b"%d\n" % t for t in range(-30, 0)))
+    ctx = multiprocessing.get_context("fork")
+    pause, paused, stop = ctx.Event(), ctx.Event(), ctx.Event()
+    appender = ctx.Process(target=_appender, args=(spool, appended_log, pause, paused, stop))
+    appender.start()
+    book = _KillBook()
+    started = time.monotonic()
+    try:
+        for iteration in range(KILL_ITERATIONS):
+            child = ctx.Process(target=_expunger, args=(spool, expunged_log, rng.getrandbits(32)))
+            child.start()
+            time.sleep(rng.uniform(0, 0.04))
+            if child.is_alive():
+                book.figures["killed_running"] += 1
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(10)
+            pause.set()
+            assert paused.wait(10), "the appender is stuck"
+            book.check(spool, appended_log, expunged_log)
+            book.figures["iterations"] += 1
+            pause.clear()
+    finally:
+        stop.set()
+        appender.join(10)
+        if appender.is_alive():
+            appender.kill()
+    book.figures["delivered"] = len(_read_lines(appended_log))
+    book.figures["seconds"] = round(time.monotonic() - started, 1)
+    print("\nkill -9 figures:", book.figures)
+    assert book.figures["killed_running"] >= KILL_ITERATIONS * 0.9
+    assert book.figures["expunges"] > KILL_ITERATIONS
+    assert book.figures["in_flight_old_set"] and book.figures["in_flight_new_set"]
