@@ -848,3 +848,110 @@ def test_expunges_killed_at_random_moments_never_lose_or_damage_mail(spool, tmp_
     assert book.figures["killed_running"] >= KILL_ITERATIONS * 0.9
     assert book.figures["expunges"] > KILL_ITERATIONS
     assert book.figures["in_flight_old_set"] and book.figures["in_flight_new_set"]
+
+
+# --- with the real Dovecot ---------------------------------------------------------------
+
+DOVECOT_CONF = """\
+base_dir = {top}/run
+log_path = {top}/dovecot.log
+ssl = no
+protocols =
+listen = 127.0.0.1
+mail_location = mbox:{top}/mail:INBOX={spool}/alice
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={top}/home
+}}
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+"""
+
+
+@pytest.fixture
+def dovecot():
+    """A Dovecot instance of its own (config, base_dir, no listener) whose user
+    'alice' has SPOOL/alice as INBOX; doveadm talks to it. Needs root (Dovecot
+    refuses to be root for mail, so the files go to 'nobody')."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+    if not (shutil.which("dovecot") and shutil.which("doveadm")) or os.geteuid() != 0:
+        pytest.skip("needs dovecot-imapd and root")
+    nobody = pwd.getpwnam("nobody")
+    top = tempfile.mkdtemp(prefix="ccsmtp-dovecot-", dir="/tmp")
+    os.chmod(top, 0o755)
+    spool = os.path.join(top, "spool")
+    for sub in ("spool", "mail", "home", "run"):
+        os.mkdir(os.path.join(top, sub))
+    queue.make_dirs(spool)
+    for sub in ("spool", "mail", "home"):
+        os.chown(os.path.join(top, sub), nobody.pw_uid, nobody.pw_gid)
+    conf = os.path.join(top, "dovecot.conf")
+    with open(conf, "w") as f:
+        f.write(DOVECOT_CONF.format(top=top, spool=spool, uid=nobody.pw_uid, gid=nobody.pw_gid))
+    subprocess.run(["dovecot", "-c", conf], check=True, timeout=30)
+
+    def doveadm(*args: str) -> str:
+        for attempt in range(50):     # the auth service may still be starting
+            done = subprocess.run(["doveadm", "-c", conf, *args], capture_output=True, text=True,
+                                  timeout=30)
+            if done.returncode == 0 or "auth-userdb" not in done.stderr:
+                break
+            time.sleep(0.1)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    try:
+        yield spool, doveadm, nobody
+    finally:
+        with open(os.path.join(top, "run", "master.pid")) as f:
+            pid = int(f.read())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_dovecot_on_the_same_mailbox(dovecot):
+    spool, doveadm, nobody = dovecot
+    for n in range(4):
+        deliver(spool, subject(n), n)
+    os.chown(os.path.join(spool, "alice"), nobody.pw_uid, nobody.pw_gid)
+    box = fresh(spool)
+    before = by_subject(box)
+    contents = {uid: box.content(uid) for uid in uids(box)}
+    box.store_flags([before[b"message 2"]], ["\\Flagged"], "add")
+    # Dovecot syncs the mbox: X-IMAPbase, X-UID (padded), Status headers in place.
+    doveadm("flags", "add", "-u", "alice", "\\Seen", "mailbox", "INBOX", "all")
+    assert b"X-UID: " in raw(spool) and b"X-IMAPbase: " in raw(spool)
+    box = fresh(spool)
+    assert by_subject(box) == before
+    assert {uid: box.content(uid) for uid in uids(box)} == contents
+    assert box.info(before[b"message 2"]).flags == {"\\Flagged"}
+    # Dovecot expunges one, we expunge another: each side keeps its UIDs.
+    doveadm("expunge", "-u", "alice", "mailbox", "INBOX", "header", "Subject", "message 1")
+    box = fresh(spool)
+    assert by_subject(box) == {k: v for k, v in before.items() if k != b"message 1"}
+    assert box.expunge([before[b"message 0"]], only_deleted=False) == [before[b"message 0"]]
+    assert os.stat(os.path.join(spool, "alice")).st_uid == nobody.pw_uid
+    listed = doveadm("fetch", "-u", "alice", "uid hdr.subject", "mailbox", "INBOX", "all")
+    assert re.findall(r"uid: (\d+)", listed) == ["3", "4"]    # Dovecot's UIDs kept too
+    # Emptied by Dovecot: its placeholder is no message; new mail gets a new UID.
+    doveadm("expunge", "-u", "alice", "mailbox", "INBOX", "all")
+    assert b"FOLDER INTERNAL DATA" in raw(spool)
+    box = fresh(spool)
+    assert box.count == 0
+    deliver(spool, subject(9), 9)
+    box.refresh()
+    assert list(by_subject(box)) == [b"message 9"] and uids(box) == [box.uidnext - 1]
+    assert uids(box)[0] > max(before.values())
+    listed = doveadm("fetch", "-u", "alice", "hdr.subject", "mailbox", "INBOX", "all")
+    assert "message 9" in listed
