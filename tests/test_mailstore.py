@@ -408,7 +408,7 @@ def test_a_stale_index_after_a_crash_between_the_renames_is_reconciled(spool, mo
 
     def crash(*args, **kwargs):
         raise SystemExit("killed between the renames")
-    monkeypatch.setattr(mailbox_index, "replace_index", crash)
+    monkeypatch.setattr(mailbox_index, "commit_new_index", crash)
     with pytest.raises(SystemExit):
         box.expunge(victims, only_deleted=False)
     monkeypatch.undo()
@@ -591,14 +591,16 @@ def test_expunge_keeps_mode_and_group_and_locks_are_released(spool):
 
 # --- interrupted deliveries -------------------------------------------------------------
 
-def test_half_appended_message_is_not_indexed_and_blocks_expunge_until_repaired(spool):
-    first = deliver(spool, subject(1), 1)
-    second = deliver(spool, subject(2), 2)
+@pytest.mark.parametrize("filler", [0, 700_000], ids=["small", "scanned-before-locking"])
+def test_half_appended_message_is_not_indexed_and_blocks_expunge_until_repaired(spool, filler):
+    first = deliver(spool, subject(1) + b"f" * filler + b"\r\n", 1)
+    second = deliver(spool, subject(2) + b"f" * filler + b"\r\n", 2)
     journal = mbox.AppendJournal(state_path(spool, DELIVERY_JOURNAL))
     # Delivery killed -9 half-way through an append: journal entry and half a copy.
     journal.begin("alice", len(first + second))
     with open(os.path.join(spool, "alice"), "ab") as f:
         f.write(copy_bytes(subject(3), 3)[:70])
+    assert (os.path.getsize(os.path.join(spool, "alice")) > mailstore.PRESCAN_BYTES) == bool(filler)
     box = fresh(spool)
     assert uids(box) == [1, 2]
     with pytest.raises(mailstore.MailboxBusy):

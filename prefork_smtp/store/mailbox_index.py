@@ -171,8 +171,8 @@ def write_records(fd: int, records: array.array, first: int, last: int) -> None:
     _pwrite_all(fd, records[first * f:(last + 1) * f].tobytes(), HEADER_BYTES + first * RECORD_BYTES)
 
 
-def replace_index(paths: Paths, header: Header, records: array.array) -> None:
-    """Write a whole new index beside the old one, fsync it, rename it over."""
+def write_new_index(paths: Paths, header: Header, records: array.array) -> None:
+    """Write a whole index to index.new and fsync it (commit_new_index puts it in place)."""
     fd = os.open(paths.new_index, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                  | os.O_CLOEXEC, 0o600)
     try:
@@ -181,8 +181,16 @@ def replace_index(paths: Paths, header: Header, records: array.array) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def commit_new_index(paths: Paths) -> None:
     os.rename(paths.new_index, paths.index)
     fsync_dir(paths.dir)
+
+
+def replace_index(paths: Paths, header: Header, records: array.array) -> None:
+    write_new_index(paths, header, records)
+    commit_new_index(paths)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

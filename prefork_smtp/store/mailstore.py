@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -336,9 +337,8 @@ class Mailbox:
             raise ValueError(f"bad mode {mode!r}")
         names = list(flags)
         wanted = sorted(set(uids))
-        with self._lock, mailbox_index.WriterLock(self.paths):
-            have = self._load_index_locked()
-            if not have:
+        with self._writing():
+            if not self._load_index(strict=True):
                 raise MessageGone("the mailbox's index is gone")
             h, r = self._header, self._records
             keywords = h.keywords
@@ -396,9 +396,9 @@ class Mailbox:
         wanted = set(uids)
         if not wanted:
             return []
-        with self._lock, mailbox_index.WriterLock(self.paths):
+        with self._writing():
             mailbox_index.remove_scratch(self.paths)
-            have = self._load_index_locked()
+            have = self._load_index(strict=True)
             dotlock = self.path + ".lock"
             _wait_for(lambda: _try_dotlock(dotlock), "dot-lock held")
             try:
@@ -435,43 +435,61 @@ class Mailbox:
         try:
             lock_ofd(out, wait=False)    # mutt and Dovecot see the new file locked too
             records = array.array("Q")
-            _copy(fd, out, 0, h.first, 0)
+            runs = [(0, h.first)]          # the preamble: junk or Dovecot's placeholder
             pos = h.first
             for i in range(len(old) // FIELDS):
                 if i in remove:
                     continue
                 rec = old[i * FIELDS:(i + 1) * FIELDS]
-                _copy(fd, out, rec[OFFSET], rec[LENGTH], pos)
+                if runs[-1][0] + runs[-1][1] == rec[OFFSET]:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + rec[LENGTH])
+                else:
+                    runs.append((rec[OFFSET], rec[LENGTH]))
                 rec[OFFSET] = pos
                 pos += rec[LENGTH]
                 records.extend(rec)
+            written = 0
+            for offset, length in runs:
+                _copy(fd, out, offset, length, written)
+                written += length
             _copy_ownership(fd, out)
             os.fsync(out)
             new_header = dataclasses.replace(h, changes=h.changes + 1, generation=h.generation + 1,
                                              end=pos)
             new_header.set_mbox_key(_key(os.fstat(out)))
+            mailbox_index.write_new_index(self.paths, new_header, records)
             os.rename(self.paths.new_mbox, self.path)
             fsync_dir(self.spool_dir)
-            # A crash here leaves the new mailbox with the old index: see the docstring.
-            mailbox_index.replace_index(self.paths, new_header, records)
+            # Killed here: the new mailbox with the old index (see the docstring).
+            mailbox_index.commit_new_index(self.paths)
         except BaseException:
             unlink_quietly(self.paths.new_mbox)
             raise
         finally:
             os.close(out)
-        self._load_index_locked()
+        self._load_index(strict=True)
         self._checked = new_header.mbox_key()
 
     # --- keeping the index in step with the mbox ------------------------------------------
 
-    def _load_index(self) -> bool:
-        """Read the index if another process changed it; False if there is none
-        usable. Needs self._lock, not the writers' lock."""
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This process's lock and the writers' lock, for a change to the index. A
+        change that fails half-way leaves the in-memory copy to be read afresh."""
+        with self._lock, mailbox_index.WriterLock(self.paths):
+            try:
+                yield
+            except BaseException:
+                self._index_key = None
+                raise
+
+    def _load_index(self, *, strict: bool = False) -> bool:
+        """Bring the in-memory copy up to the index file: its records are read again
+        only if the file was replaced or its `changes` moved. False if there is no
+        usable index. strict, under the writers' lock: a damaged index is one (it
+        is rebuilt), not one being written."""
         try:
             st = os.stat(self.paths.index)
-        except FileNotFoundError:
-            return False
-        try:
             reopened = (st.st_dev, st.st_ino) != self._index_key
             if reopened:
                 self._open_index()
@@ -482,22 +500,14 @@ class Mailbox:
                 self._set_state(header, records)
             else:
                 self._header = header
-        except (IndexCorrupt, FileNotFoundError):
-            return False
-        return True
-
-    def _load_index_locked(self) -> bool:
-        """Read the index afresh (under the writers' lock). False if none usable."""
-        try:
-            self._open_index()
-            header, records = mailbox_index.read_index(self._index_fd)
         except FileNotFoundError:
             return False
         except IndexCorrupt as e:
-            log.warning("mailbox %s: index unusable (%s): rebuilding it, new UIDVALIDITY",
-                        self.name, e)
+            self._index_key = None
+            if strict:
+                log.warning("mailbox %s: index unusable (%s): rebuilding it, new UIDVALIDITY",
+                            self.name, e)
             return False
-        self._set_state(header, records)
         return True
 
     def _open_index(self) -> None:
@@ -521,9 +531,9 @@ class Mailbox:
             return _EMPTY_KEY
 
     def _sync(self, *, wait: bool, full: bool) -> None:
-        with mailbox_index.WriterLock(self.paths):
+        with self._writing():
             mailbox_index.remove_scratch(self.paths)
-            have = self._load_index_locked()
+            have = self._load_index(strict=True)
             try:
                 fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -553,34 +563,43 @@ class Mailbox:
         fd (None: there is no mailbox file)."""
         st = os.fstat(fd) if fd is not None else None
         key = _key(st) if st is not None else _EMPTY_KEY
-        limit = self._journal_limit(st.st_size if st is not None else 0)
-        if limit is None:
-            limit = st.st_size if st is not None else 0
+        size = st.st_size if st is not None else 0
+        limit = self._journal_limit(size)
+        limit = size if limit is None else limit
+        if have and not full and self._appended_to(fd, st, key, limit):
+            self._index_tail(fd, st, key, limit)
+        else:
+            self._rebuild(fd, st, key, have, limit, prescan)
+        self._checked = key
+        self._suspect = False
+
+    def _appended_to(self, fd: int | None, st: os.stat_result | None, key: tuple,
+                     limit: int) -> bool:
         h = self._header
-        if have and not full and (st is None or (st.st_dev, st.st_ino) == (h.mbox_dev, h.mbox_ino)) \
-                and self._extends(fd, self._records, h.first, h.end, limit, check=key != h.mbox_key()):
-            if limit > h.end:
-                new = mbox_scan.scan(fd, h.end, limit, mtime=st.st_mtime)
-                if h.end == 0:
-                    h.first = new.first
-                uids = new.records
-                for i in range(0, len(uids), FIELDS):
-                    uids[i + UID] = h.uidnext
-                    h.uidnext += 1
-                h.end = limit
-            else:
-                new = None
-            if key != h.mbox_key() or new is not None:
-                h.set_mbox_key(key)
-                h.changes += 1
-                mailbox_index.append_records(self._index_fd, h, new.records if new else array.array("Q"))
-                if new is not None and len(new.records):
-                    self._records.extend(new.records)
-                    self._columns.clear()
-            self._checked = key
-            self._suspect = False
-            return
-        self._rebuild(fd, st, key, have, limit, prescan)
+        same = st is None or (st.st_dev, st.st_ino) == (h.mbox_dev, h.mbox_ino)
+        return same and self._extends(fd, self._records, h.first, h.end, limit,
+                                      check=key != h.mbox_key())
+
+    def _index_tail(self, fd: int | None, st: os.stat_result | None, key: tuple,
+                    limit: int) -> None:
+        """Index the messages appended since: the next UIDs, in file order."""
+        h = self._header
+        new = array.array("Q")
+        if limit > h.end:
+            result = mbox_scan.scan(fd, h.end, limit, mtime=st.st_mtime)
+            if h.end == 0:
+                h.first = result.first
+            new = result.records
+            for i in range(0, len(new), FIELDS):
+                new[i + UID] = h.uidnext
+                h.uidnext += 1
+            h.end = limit
+        if key != h.mbox_key() or new:
+            h.set_mbox_key(key)
+            h.changes += 1
+            mailbox_index.append_records(self._index_fd, h, new)
+            self._records.extend(new)
+            self._columns.clear()
 
     def _rebuild(self, fd: int | None, st: os.stat_result | None, key: tuple, have: bool,
                  limit: int, prescan: tuple | None) -> None:
@@ -605,9 +624,7 @@ class Mailbox:
         if have:
             log.info("mailbox %s was changed by another program: %d messages reconciled",
                      self.name, len(records) // FIELDS)
-        self._load_index_locked()
-        self._checked = key
-        self._suspect = False
+        self._load_index(strict=True)
 
     def _prescan(self, fd: int) -> tuple[mbox_scan.ScanResult, int, tuple] | None:
         """Scan most of a big file before taking its lock, so that delivery is not
