@@ -436,6 +436,21 @@ def test_a_file_replaced_by_another_program_is_reconciled(spool):
     assert by_subject(box) == before
 
 
+def test_sessions_never_act_on_uids_of_a_lost_index(spool):
+    for n in range(3):
+        deliver(spool, subject(n), n)
+    view = mailstore.ImapView(spool, "alice")
+    with mailstore.Pop3Maildrop(spool, "alice") as drop:
+        os.unlink(mailbox_index.Paths(spool, "alice").index)
+        assert view.refresh().lost
+        for act in (lambda: drop.commit([1]), lambda: b"".join(drop.iter_content(1)),
+                    lambda: view.expunge([1]), lambda: view.store_flags([1], ["\\Seen"], "add"),
+                    lambda: view.content(1)):
+            with pytest.raises(mailstore.MailboxChanged):
+                act()
+    assert len(messages_of(raw(spool))) == 3
+
+
 # --- flags ------------------------------------------------------------------------------
 
 def _store_in_child(spool: str, uid: int, done) -> None:

@@ -266,12 +266,17 @@ class Mailbox:
 
     # --- reading messages --------------------------------------------------------------
 
-    def iter_content(self, uid: int, piece_bytes: int = mbox_scan.PIECE_BYTES) -> Iterator[bytes]:
+    # Methods taking a UID also take the UIDVALIDITY the caller knows it under: if
+    # the index was lost and rebuilt meanwhile, the UID may name another message,
+    # and MailboxChanged is raised instead (the session must end).
+
+    def iter_content(self, uid: int, piece_bytes: int = mbox_scan.PIECE_BYTES, *,
+                     uidvalidity: int | None = None) -> Iterator[bytes]:
         """The visible form of a message in pieces of about piece_bytes. The message is
         checked before the first piece (MessageGone, MailboxChanged); a rewrite by
         another program while it is read raises MailboxChanged at the end, after
         which the caller must not present what it got as the message."""
-        file, offset, length, layout, fp = self._locate(uid)
+        file, offset, length, layout, fp = self._locate(uid, uidvalidity)
         return self._stream(file, offset, length, layout, fp, piece_bytes)
 
     @staticmethod
@@ -279,11 +284,11 @@ class Mailbox:
                 piece_bytes: int) -> Iterator[bytes]:
         yield from mbox_scan.visible_pieces(file.fd, offset, length, layout, fp, piece_bytes)
 
-    def content(self, uid: int) -> bytes:
+    def content(self, uid: int, *, uidvalidity: int | None = None) -> bytes:
         """The whole visible form (for IMAP: bounded by max_size)."""
         for attempt in range(2):
             try:
-                return b"".join(self.iter_content(uid, 1 << 20))
+                return b"".join(self.iter_content(uid, 1 << 20, uidvalidity=uidvalidity))
             except MailboxChanged:
                 if attempt:
                     raise
@@ -292,14 +297,15 @@ class Mailbox:
                     self.refresh(wait=True)
         raise AssertionError("unreachable")
 
-    def top(self, uid: int, body_lines: int) -> bytes:
+    def top(self, uid: int, body_lines: int, *, uidvalidity: int | None = None) -> bytes:
         """POP3 TOP: visible header, blank line, first body_lines body lines."""
-        file, offset, length, layout, _ = self._locate(uid)
+        file, offset, length, layout, _ = self._locate(uid, uidvalidity)
         return mbox_scan.visible_top(file.fd, offset, length, layout, max(0, body_lines))
 
-    def _locate(self, uid: int) -> tuple[_MboxFile, int, int, int, int]:
+    def _locate(self, uid: int, uidvalidity: int | None) -> tuple[_MboxFile, int, int, int, int]:
         for attempt in range(2):
             with self._lock:
+                self._check_uidvalidity(uidvalidity)
                 i = self.position(uid) * FIELDS
                 r = self._records
                 offset, length, layout, fp = r[i + OFFSET], r[i + LENGTH], r[i + LAYOUT], r[i + FP]
@@ -311,6 +317,10 @@ class Mailbox:
                     self._suspect = True
                     self.refresh(wait=True)
         raise MailboxChanged("the mailbox was changed by another program")
+
+    def _check_uidvalidity(self, uidvalidity: int | None) -> None:
+        if uidvalidity is not None and uidvalidity != self._header.uidvalidity:
+            raise MailboxChanged("UIDVALIDITY changed: the index was lost")
 
     def _mbox_file(self) -> _MboxFile | None:
         """The open mbox inode the in-memory index describes."""
@@ -329,17 +339,21 @@ class Mailbox:
 
     # --- flags -------------------------------------------------------------------------
 
-    def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str) -> dict[int, frozenset[str]]:
+    def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str, *,
+                    uidvalidity: int | None = None) -> dict[int, frozenset[str]]:
         """Add, remove or replace flags (mode "add", "remove", "replace") of the
         messages with these UIDs; returns the new flags of those still there.
-        Serialised across processes; others see it at their next refresh()."""
+        Serialised across processes; others see it at their next refresh().
+        ValueError for a flag that cannot be stored (\\Recent, a bad keyword),
+        MailboxError when the mailbox has MAX_KEYWORDS keywords already."""
         if mode not in ("add", "remove", "replace"):
             raise ValueError(f"bad mode {mode!r}")
         names = list(flags)
         wanted = sorted(set(uids))
         with self._writing():
             if not self._load_index(strict=True):
-                raise MessageGone("the mailbox's index is gone")
+                raise MailboxChanged("the mailbox's index is gone")
+            self._check_uidvalidity(uidvalidity)
             h, r = self._header, self._records
             keywords = h.keywords
             bits = self._flag_bits(names, create=mode != "remove")
@@ -389,7 +403,8 @@ class Mailbox:
 
     # --- expunge -----------------------------------------------------------------------
 
-    def expunge(self, uids: Iterable[int], *, only_deleted: bool = True) -> list[int]:
+    def expunge(self, uids: Iterable[int], *, only_deleted: bool = True,
+                uidvalidity: int | None = None) -> list[int]:
         """Remove the messages with these UIDs (with only_deleted, those of them
         flagged \\Deleted now). Returns the UIDs removed. Safe against kill -9 at any
         instant and against delivery, mutt and Dovecot (module docstring)."""
@@ -399,6 +414,9 @@ class Mailbox:
         with self._writing():
             mailbox_index.remove_scratch(self.paths)
             have = self._load_index(strict=True)
+            if not have and uidvalidity is not None:
+                raise MailboxChanged("the mailbox's index is gone")
+            self._check_uidvalidity(uidvalidity)
             dotlock = self.path + ".lock"
             _wait_for(lambda: _try_dotlock(dotlock), "dot-lock held")
             try:
@@ -823,7 +841,7 @@ class ImapView:
     def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str) -> dict[int, frozenset[str]]:
         """Mailbox.store_flags; the session's own changes are not reported back to it
         by refresh()."""
-        result = self.mailbox.store_flags(uids, flags, mode)
+        result = self.mailbox.store_flags(uids, flags, mode, uidvalidity=self.uidvalidity)
         with self.mailbox._lock:
             uid_col, flag_col = self.mailbox._column(UID), self.mailbox._column(FLAGS)
             for uid in result:
@@ -836,13 +854,13 @@ class ImapView:
     def expunge(self, uids: Iterable[int]) -> list[int]:
         """Remove those of these messages that are flagged \\Deleted; their EXPUNGE
         responses come from the next refresh()."""
-        return self.mailbox.expunge(uids, only_deleted=True)
+        return self.mailbox.expunge(uids, only_deleted=True, uidvalidity=self.uidvalidity)
 
     def iter_content(self, uid: int, piece_bytes: int = mbox_scan.PIECE_BYTES) -> Iterator[bytes]:
-        return self.mailbox.iter_content(uid, piece_bytes)
+        return self.mailbox.iter_content(uid, piece_bytes, uidvalidity=self.uidvalidity)
 
     def content(self, uid: int) -> bytes:
-        return self.mailbox.content(uid)
+        return self.mailbox.content(uid, uidvalidity=self.uidvalidity)
 
 
 class Pop3Maildrop:
@@ -883,15 +901,18 @@ class Pop3Maildrop:
         return f"{self.uidvalidity}.{self.uids[self._index(number)]}"
 
     def iter_content(self, number: int, piece_bytes: int = mbox_scan.PIECE_BYTES) -> Iterator[bytes]:
-        return self.mailbox.iter_content(self.uids[self._index(number)], piece_bytes)
+        return self.mailbox.iter_content(self.uids[self._index(number)], piece_bytes,
+                                         uidvalidity=self.uidvalidity)
 
     def top(self, number: int, body_lines: int) -> bytes:
-        return self.mailbox.top(self.uids[self._index(number)], body_lines)
+        return self.mailbox.top(self.uids[self._index(number)], body_lines,
+                                uidvalidity=self.uidvalidity)
 
     def commit(self, deleted: Iterable[int]) -> list[int]:
         """Remove the messages with these numbers (QUIT in the UPDATE state);
         returns the UIDs removed (those expunged meanwhile by IMAP are not)."""
-        return self.mailbox.expunge([self.uids[self._index(n)] for n in deleted], only_deleted=False)
+        return self.mailbox.expunge([self.uids[self._index(n)] for n in deleted], only_deleted=False,
+                                    uidvalidity=self.uidvalidity)
 
     def _index(self, number: int) -> int:
         if not 1 <= number <= len(self.uids):
