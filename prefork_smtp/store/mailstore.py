@@ -25,6 +25,10 @@ messages keep the UID and flags of the indexed message with the same fingerprint
 UIDs. mutt's rewrites keep flags we hold; flags that other programs write are read
 only for messages seen for the first time.
 
+Durability. Index files that replace others are fsync'ed before the rename; new
+UIDs written in place are fsync'ed once the mbox lock is released. Flag changes
+are not fsync'ed: a machine crash may lose the last ones (not a process crash).
+
 Locks. Scanning new bytes takes a shared OFD lock on the mbox (non-blocking: busy
 means try at the next refresh), and stops at a delivery.journal entry for the
 mailbox (an append in progress or cut short by kill -9: delivery cuts it back).
@@ -429,7 +433,8 @@ class Mailbox:
                         _wait_for(lambda: _try_lock(fd, shared=False), "fcntl lock held")
                     if self._journal_limit(1 << 62) is not None:
                         raise MailboxBusy("an interrupted delivery to this mailbox awaits repair")
-                    self._update_locked(fd, have, full=False, prescan=None)
+                    if self._update_locked(fd, have, full=False, prescan=None):
+                        os.fsync(self._index_fd)
                     r = self._records
                     remove = [i for i, uid in enumerate(self._column(UID))
                               if uid in wanted and (not only_deleted or r[i * FIELDS + FLAGS] & DELETED)]
@@ -565,10 +570,14 @@ class Mailbox:
                         _wait_for(lambda: _try_lock(fd, shared=True), "fcntl lock held")
                     elif not _try_lock(fd, shared=True):
                         return       # delivery is appending: the next refresh tries again
-                self._update_locked(fd, have, full=full, prescan=prescan)
+                assigned = self._update_locked(fd, have, full=full, prescan=prescan)
             finally:
                 if fd is not None:
-                    os.close(fd)
+                    os.close(fd)     # the mbox lock goes before the fsync below
+            if assigned:
+                # UIDs handed out must survive a machine crash: after one, a message
+                # that went meanwhile must not leave its UID to another.
+                os.fsync(self._index_fd)
 
     def _same_file(self, fd: int) -> bool:
         st = os.fstat(fd)
@@ -576,20 +585,23 @@ class Mailbox:
         return (st.st_dev, st.st_ino) == (h.mbox_dev, h.mbox_ino) and st.st_size >= h.end
 
     def _update_locked(self, fd: int | None, have: bool, *, full: bool,
-                       prescan: tuple[mbox_scan.ScanResult, int, tuple] | None) -> None:
+                       prescan: tuple[mbox_scan.ScanResult, int, tuple] | None) -> bool:
         """Bring the index up to the mbox. Needs the writers' lock and an mbox lock on
-        fd (None: there is no mailbox file)."""
+        fd (None: there is no mailbox file). True if new UIDs were written in place
+        (not yet fsync'ed)."""
         st = os.fstat(fd) if fd is not None else None
         key = _key(st) if st is not None else _EMPTY_KEY
         size = st.st_size if st is not None else 0
         limit = self._journal_limit(size)
         limit = size if limit is None else limit
+        assigned = False
         if have and not full and self._appended_to(fd, st, key, limit):
-            self._index_tail(fd, st, key, limit)
+            assigned = self._index_tail(fd, st, key, limit)
         else:
             self._rebuild(fd, st, key, have, limit, prescan)
         self._checked = key
         self._suspect = False
+        return assigned
 
     def _appended_to(self, fd: int | None, st: os.stat_result | None, key: tuple,
                      limit: int) -> bool:
@@ -599,8 +611,9 @@ class Mailbox:
                                       check=key != h.mbox_key())
 
     def _index_tail(self, fd: int | None, st: os.stat_result | None, key: tuple,
-                    limit: int) -> None:
-        """Index the messages appended since: the next UIDs, in file order."""
+                    limit: int) -> bool:
+        """Index the messages appended since: the next UIDs, in file order. True if
+        there were any."""
         h = self._header
         new = array.array("Q")
         if limit > h.end:
@@ -618,6 +631,7 @@ class Mailbox:
             mailbox_index.append_records(self._index_fd, h, new)
             self._records.extend(new)
             self._columns.clear()
+        return bool(new)
 
     def _rebuild(self, fd: int | None, st: os.stat_result | None, key: tuple, have: bool,
                  limit: int, prescan: tuple | None) -> None:
