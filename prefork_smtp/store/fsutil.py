@@ -54,8 +54,3 @@ def lock_ofd(fd: int, *, wait: bool, shared: bool = False) -> None:
             raise BlockingIOError(e.errno, "file is locked") from None
         raise
 
-
-def unlock_ofd(fd: int) -> None:
-    """Release this open file description's lock (closing it does too)."""
-    request = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
