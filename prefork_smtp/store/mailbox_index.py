@@ -249,8 +249,7 @@ def allocate_uidvalidity(paths: Paths) -> int:
         text = os.pread(fd, 32, 0).strip()
         last = int(text) if text.isdigit() else 0
         value = max(int(time.time()), last + 1) & 0xFFFFFFFF or 1
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, b"%d\n" % value, 0)
+        os.pwrite(fd, b"%010d\n" % value, 0)     # one write of fixed width: never half
         os.fsync(fd)
         return value
     finally:
