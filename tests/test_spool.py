@@ -479,3 +479,27 @@ def test_append_cut_short_by_a_kill_is_cut_back_and_delivered_again(spool):
     assert [m["Subject"] for m in read_mbox(spool, "alice")] == ["old", "new"]
     assert open(path, "rb").read() == before + whole
     assert [m["Subject"] for m in read_mbox(spool, "bob")] == ["old", "new"]
+
+
+def test_append_retries_a_readers_brief_lock_before_deferring(spool, monkeypatch):
+    # A POP3/IMAP reader indexing new mail holds the fcntl lock for well under a
+    # millisecond: delivery tries again a few times instead of deferring for a second.
+    real = mbox.lock_ofd
+    attempts = []
+
+    def busy_twice(fd, *, wait, shared=False):
+        attempts.append(wait)
+        if len(attempts) <= 2:
+            raise BlockingIOError("held by a reader")
+        real(fd, wait=wait, shared=shared)
+    monkeypatch.setattr(mbox, "lock_ofd", busy_twice)
+    mbox.append(spool, "alice", [b"From a Thu Jan  1 00:00:00 1970\nfirst\n\n"])
+    assert attempts == [False, False, False]
+    assert len(read_mbox(spool, "alice")) == 1
+
+    def always_busy(fd, *, wait, shared=False):
+        raise BlockingIOError("held")
+    monkeypatch.setattr(mbox, "lock_ofd", always_busy)
+    with pytest.raises(mbox.MailboxBusy):
+        mbox.append(spool, "alice", [b"From b Thu Jan  1 00:00:00 1970\nsecond\n\n"])
+    assert len(read_mbox(spool, "alice")) == 1 and not os.path.exists(os.path.join(spool, "alice.lock"))

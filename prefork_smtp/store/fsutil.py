@@ -36,18 +36,21 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-def lock_ofd(fd: int, *, wait: bool) -> None:
-    """Write-lock the whole file with an open-file-description lock.
+def lock_ofd(fd: int, *, wait: bool, shared: bool = False) -> None:
+    """Lock the whole file with an open-file-description lock: a write lock, or
+    with shared a read lock (readers share it; it excludes writers).
 
     Unlike classic POSIX locks these belong to the open file, not the process, so
     threads and processes of one program exclude each other instead of failing with
     EDEADLK, and they still conflict with the POSIX locks mutt and Dovecot take.
-    Without wait, raises BlockingIOError if someone else holds a lock.
+    Without wait, raises BlockingIOError if someone else holds a conflicting lock.
     """
-    request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
+    request = struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0)
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EAGAIN):
             raise BlockingIOError(e.errno, "file is locked") from None
         raise
+

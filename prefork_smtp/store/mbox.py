@@ -17,15 +17,20 @@ import mmap
 import os
 import re
 import stat
+import threading
 import time
 from typing import Iterable, Iterator
 
-from ..layout import STATE_DIR, mailbox_path
+from ..layout import DELIVERY_JOURNAL, STATE_DIR, mailbox_path, state_path
 from .envelope import Envelope
 from .fsutil import fsync_dir, lock_ofd, unlink_quietly, write_all
 
 # Postfix's stale_lock_time: a dot-lock older than this is left over from a crash.
 STALE_DOTLOCK_S = 500.0
+# Readers (POP3, IMAP indexing the tail) hold the fcntl lock for well under a
+# millisecond; retry that long before deferring the whole mailbox for a second.
+LOCK_RETRIES = 10
+LOCK_RETRY_S = 0.002
 # "\n" first, not "^" with MULTILINE: a literal prefix lets re skip ahead in C
 # (6x faster on a 100 KB body); the first line is checked on its own.
 _FROM_LINE = re.compile(rb"\n(>*From )")
@@ -247,10 +252,13 @@ class AppendJournal:
 
     def entries(self) -> list[tuple[str, int]]:
         """Every append not known to have finished: (mailbox, length before it)."""
-        data = os.pread(self._fd, self.SLOT * self.SLOTS, 0)
+        return self.parse(os.pread(self._fd, self.SLOT * self.SLOTS, 0))
+
+    @classmethod
+    def parse(cls, data: bytes) -> list[tuple[str, int]]:
         out = []
-        for slot in range(self.SLOTS):
-            fields = data[slot * self.SLOT:(slot + 1) * self.SLOT].split()
+        for slot in range(cls.SLOTS):
+            fields = data[slot * cls.SLOT:(slot + 1) * cls.SLOT].split()
             if len(fields) == 2 and fields[1].isdigit():
                 out.append((fields[0].decode("ascii", "replace"), int(fields[1])))
         return out
@@ -264,6 +272,19 @@ class AppendJournal:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def read_journal(spool_dir: str) -> list[tuple[str, int]]:
+    """The journal's entries, read-only, for readers of mailboxes: bytes past an
+    entry's length belong to an append that is in progress or was cut short."""
+    try:
+        fd = os.open(state_path(spool_dir, DELIVERY_JOURNAL), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        return AppendJournal.parse(os.pread(fd, AppendJournal.SLOT * AppendJournal.SLOTS, 0))
+    finally:
+        os.close(fd)
 
 
 def undo_interrupted_appends(spool_dir: str, journal: AppendJournal) -> set[str]:
@@ -281,7 +302,7 @@ def _cut_back(spool_dir: str, mailbox: str, size: int) -> bool:
     except ValueError:
         return True    # not a name we would have written: nothing to repair
     try:
-        _take_dotlock(path + ".lock")
+        take_dotlock(path + ".lock")
     except (MailboxBusy, OSError):
         return False
     try:
@@ -309,7 +330,7 @@ def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o60
     everyone else."""
     path = mailbox_path(spool_dir, mailbox)
     dotlock = path + ".lock"
-    _take_dotlock(dotlock)
+    take_dotlock(dotlock)
     try:
         created = False
         try:
@@ -337,10 +358,7 @@ def _append_locked(fd: int, data: Iterable[bytes], mailbox: str,
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "mailbox is not a regular file")
-    try:
-        lock_ofd(fd, wait=False)
-    except BlockingIOError:
-        raise MailboxBusy("fcntl lock held") from None
+    _lock_briefly(fd)
     old_size = os.fstat(fd).st_size
     if journal is not None:
         journal.begin(mailbox, old_size)
@@ -356,6 +374,17 @@ def _append_locked(fd: int, data: Iterable[bytes], mailbox: str,
     finally:
         if journal is not None:
             journal.end()
+
+
+def _lock_briefly(fd: int) -> None:
+    for attempt in range(LOCK_RETRIES):
+        try:
+            lock_ofd(fd, wait=False)
+            return
+        except BlockingIOError:
+            if attempt == LOCK_RETRIES - 1:
+                raise MailboxBusy("fcntl lock held") from None
+            time.sleep(LOCK_RETRY_S)
 
 
 def _owner_is_dead(path: str) -> bool:
@@ -377,12 +406,15 @@ def _owner_is_dead(path: str) -> bool:
     return False
 
 
-def _take_dotlock(path: str) -> None:
+def take_dotlock(path: str) -> None:
     """Create NAME.lock holding our pid, atomically: the pid is written to a scratch
     file in SPOOL/.ccsmtp first and that is hard-linked to NAME.lock (the NFS-safe
     dot-lock of liblockfile and mutt), so a process killed at any moment leaves either
     no lock or one that names it, never an empty one that blocks for 500 s."""
-    scratch = os.path.join(os.path.dirname(path), STATE_DIR, f"dotlock.{os.getpid()}")
+    # One scratch name per thread: POP3 and IMAP workers take dot-locks from
+    # several session threads at once.
+    scratch = os.path.join(os.path.dirname(path), STATE_DIR,
+                           f"dotlock.{os.getpid()}.{threading.get_ident()}")
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
