@@ -1195,6 +1195,13 @@ class CommandParser:
         return self._mode is _Mode.PAUSED
 
     @property
+    def held_bytes(self) -> int:
+        """Octets the parser holds: unread input plus the command so far. Never more than
+        max_line_bytes + max_literal_bytes plus what the last receive_data() brought."""
+        return (len(self._buf) - self._pos + sum(map(len, self._pieces))
+                + (len(self._literal) if self._literal is not None else 0))
+
+    @property
     def buffered_bytes(self) -> int:
         """Octets received and not yet parsed (e.g. sent after STARTTLS)."""
         return len(self._buf) - self._pos
@@ -1289,8 +1296,7 @@ class CommandParser:
 
     def _too_long(self, tail: bytes) -> Event:
         if tail.endswith(b"+}"):        # maybe {n+}: its octets are coming, cannot resync
-            self._mode = _Mode.DEAD
-            return ParseError(self._tag, T.LINE_TOO_LONG, fatal=True)
+            return self._die(ParseError(self._tag, T.LINE_TOO_LONG, fatal=True))
         # {n}: the client waits for "+"; it gets this BAD instead and drops the command.
         return self._finish(ParseError(self._tag, T.LINE_TOO_LONG))
 
@@ -1314,8 +1320,7 @@ class CommandParser:
             refusal = T.LITERAL_NOT_ALLOWED
         if size > self.max_literal_bytes - self._literal_bytes:
             if nonsync:
-                self._mode = _Mode.DEAD
-                return ParseError(self._tag, T.LITERAL_TOO_BIG, fatal=True)
+                return self._die(ParseError(self._tag, T.LITERAL_TOO_BIG, fatal=True))
             return self._finish(ParseError(self._tag, T.LITERAL_TOO_BIG))
         if refusal is not None and not nonsync:
             return self._finish(ParseError(self._tag, refusal))
@@ -1357,9 +1362,15 @@ class CommandParser:
         return True
 
     def _finish(self, event: Event | None) -> Event | None:
-        if self._mode is not _Mode.DEAD:
-            self._mode = _Mode.LINE
+        self._mode = _Mode.LINE
         self._start_command()
+        return event
+
+    def _die(self, event: ParseError) -> ParseError:
+        """A fatal error: forget everything and ignore all further input."""
+        self.discard_buffered()
+        self._start_command()
+        self._mode = _Mode.DEAD
         return event
 
     def _start_command(self) -> None:
