@@ -47,8 +47,11 @@ MAX_MIME_DEPTH = 100
 # Dovecot's MESSAGE_PARSER_DEFAULT_MAX_TOTAL_MIME_PARTS (its fix for CVE-2020-12100):
 # parts counted with the top-level one; the last holds the rest of the message.
 MAX_MIME_PARTS = 10_000
+# How much of a Content-Type/-Disposition/-Language value is interpreted (they are read
+# octet by octet). RFC 2045 and RFC 2231 set no limit; real ones are well under 1 KiB,
+# and a folded field can be as long as the message.
+MAX_MIME_FIELD_BYTES = 64 * 1024
 
-_BLANK_OR_DASHES = re.compile(rb"\n(?:\r?\n|--)")
 
 
 class Kind(enum.Enum):
@@ -190,9 +193,10 @@ class Message:
 
     # --- header fields ----------------------------------------------------------------
 
-    def fields(self, part: Part | None = None) -> list[HeaderField]:
+    def fields(self, part: Part | None = None,
+               names: "re.Pattern[bytes] | None" = None) -> list[HeaderField]:
         part = part or self.root
-        return header_fields(self.data, part.start, part.body_start)
+        return header_fields(self.data, part.start, part.body_start, names)
 
     def field_value(self, field: HeaderField) -> bytes:
         """The value after the colon, unfolded (RFC 5322 §2.2.3: the CRLFs go) and
@@ -200,8 +204,9 @@ class Message:
         return _unfold(self.data[field.value_start:field.end]).strip(b" \t")
 
     def values(self, name: str, part: Part | None = None) -> list[bytes]:
-        key = name.encode("ascii").lower()
-        return [self.field_value(f) for f in self.fields(part) if f.name.lower() == key]
+        """The unfolded values of every field with this name, in order."""
+        pattern = _names_pattern(name.encode("ascii"))
+        return [self.field_value(f) for f in self.fields(part, pattern)]
 
     def first(self, name: str, part: Part | None = None) -> bytes | None:
         values = self.values(name, part)
@@ -214,7 +219,7 @@ class Message:
         that message/rfc822 contains)."""
         part = part or self.root
         found: dict[bytes, bytes] = {}
-        for f in self.fields(part):
+        for f in self.fields(part, _ENVELOPE_FIELDS):
             found.setdefault(f.name.lower(), self.field_value(f))
 
         def text(name: bytes) -> bytes | None:
@@ -278,10 +283,8 @@ class Message:
 
     def _mime_fields(self, part: Part) -> dict[bytes, bytes]:
         found: dict[bytes, bytes] = {}
-        for f in self.fields(part):
-            name = f.name.lower()
-            if name.startswith(b"content-"):
-                found.setdefault(name, self.field_value(f))
+        for f in self.fields(part, _CONTENT_FIELDS):
+            found.setdefault(f.name.lower(), self.field_value(f))
         return {k: v for k, v in found.items() if v}
 
     # --- BODY[section] ---------------------------------------------------------------
@@ -350,9 +353,9 @@ class Message:
     # --- decoded text for SEARCH -----------------------------------------------------
 
     def decoded_headers(self, part: Part | None = None) -> Iterator[tuple[bytes, str]]:
-        """(lower-case name, value with RFC 2047 words decoded) for each field."""
+        """(name as written, value with RFC 2047 words decoded) for each field."""
         for f in self.fields(part):
-            yield f.name.lower(), decode_header_value(self.field_value(f))
+            yield f.name, decode_header_value(self.field_value(f))
 
     def text_parts(self) -> Iterator[str]:
         """The decoded text of every text/* part and the headers of encapsulated
@@ -430,10 +433,18 @@ def sent_date(message: Message) -> datetime.date | None:
 
 # --- header fields ----------------------------------------------------------------------
 
-def header_fields(data: bytes, start: int, end: int) -> list[HeaderField]:
+def header_fields(data: bytes, start: int, end: int,
+                  names: "re.Pattern[bytes] | None" = None) -> list[HeaderField]:
     """The fields of the header data[start:end], in order. A line that starts with
     space or tab continues the field before it; a line without a colon is a field whose
-    name is the whole line (it never matches a name, as in Dovecot)."""
+    name is the whole line (it never matches a name, as in Dovecot).
+
+    With `names` (from _names_pattern()), only the fields so named, found by a regular
+    expression anchored at line starts: a header of a million lines costs no Python
+    step per line when only a few fields are wanted."""
+    if names is not None:
+        return [_field_at(data, m.start(), end, m.group(1), m.end())
+                for m in names.finditer(data, start, end)]
     fields: list[HeaderField] = []
     pos = start
     while pos < end:
@@ -456,6 +467,28 @@ def header_fields(data: bytes, start: int, end: int) -> list[HeaderField]:
     return fields
 
 
+_FIELD_END = re.compile(rb"\n(?![ \t])")     # a line end not followed by a continuation
+
+
+def _field_at(data: bytes, start: int, end: int, name: bytes, value_start: int) -> HeaderField:
+    """The field that starts at `start`, with its continuation lines."""
+    m = _FIELD_END.search(data, value_start, end)
+    return HeaderField(name, start, m.end() if m else end, value_start)
+
+
+def _names_pattern(*names: bytes) -> "re.Pattern[bytes]":
+    """Fields with these names (a name may end in "*": any name with that prefix)."""
+    alternatives = [re.escape(n[:-1]) + rb"[^:\s]*" if n.endswith(b"*") else re.escape(n)
+                    for n in names]
+    return re.compile(rb"(?im)^(" + b"|".join(alternatives) + rb")[ \t]*:")
+
+
+_CONTENT_TYPE = _names_pattern(b"content-type")
+_CONTENT_FIELDS = _names_pattern(b"content-*")
+_ENVELOPE_FIELDS = _names_pattern(b"date", b"subject", b"from", b"sender", b"reply-to", b"to",
+                                  b"cc", b"bcc", b"in-reply-to", b"message-id")
+
+
 def _unfold(value: bytes) -> bytes:
     return value.replace(b"\r\n", b"").replace(b"\n", b"")
 
@@ -475,7 +508,7 @@ class _Mime:
     __slots__ = ("data", "pos")
 
     def __init__(self, data: bytes):
-        self.data = data
+        self.data = data[:MAX_MIME_FIELD_BYTES]
         self.pos = 0
 
     def cfws(self) -> None:
@@ -652,6 +685,8 @@ class _StructureParser:
         self.stack: list[_Open] = []
         self.boundaries: list[tuple[bytes, _Open]] = []   # active, innermost last
         self.parts = 0
+        self._finder_key: tuple | None = None
+        self._finder_re: "re.Pattern[bytes] | None" = None
 
     def parse(self) -> Part:
         root = self._open(0, 1, TEXT_PLAIN)
@@ -688,22 +723,30 @@ class _StructureParser:
 
     def _next_event(self, in_header: bool):
         """The next blank line (only while in a header) or boundary line at or after pos:
-        (line start, is blank, boundary owner, is close delimiter, line end), or None."""
-        data, pos = self.data, self.pos
-        if not in_header and not self.boundaries:
+        (line start, is blank, boundary owner, is close delimiter, line end), or None.
+        The regular expression finds only lines that are events, so lines that merely
+        start with "--" cost no Python step."""
+        event = self._event_at(self.pos, in_header)
+        if event is not None:
+            return event
+        finder = self._finder(in_header)
+        if finder is None:
             return None
-        candidate = pos
-        while candidate >= 0:
-            event = self._event_at(candidate, in_header)
-            if event is not None:
-                return event
+        m = finder.search(self.data, self.pos)
+        return None if m is None else self._event_at(m.start() + 1, in_header)
+
+    def _finder(self, in_header: bool) -> "re.Pattern[bytes] | None":
+        key = (in_header, tuple(b for b, _ in self.boundaries))
+        if self._finder_key != key:
+            # Longest first: at one position the longest matching boundary wins.
+            names = sorted({b for b, _ in self.boundaries}, key=len, reverse=True)
+            alternatives = [b"--(?:" + b"|".join(map(re.escape, names)) + b")"] if names else []
             if in_header:
-                m = _BLANK_OR_DASHES.search(data, candidate)
-                candidate = m.start() + 1 if m else -1
-            else:
-                i = data.find(b"\n--", candidate)
-                candidate = i + 1 if i >= 0 else -1
-        return None
+                alternatives.insert(0, rb"\r?\n")
+            self._finder_key = key
+            self._finder_re = (re.compile(rb"\n(?:" + b"|".join(alternatives) + b")")
+                               if alternatives else None)
+        return self._finder_re
 
     def _event_at(self, at: int, in_header: bool):
         data = self.data
@@ -741,7 +784,7 @@ class _StructureParser:
             self._open(body_start, entity.level + 1, TEXT_PLAIN)
 
     def _classify(self, entity: _Open, header_end: int) -> None:
-        raw = _first_field(self.data, entity.start, header_end, b"content-type")
+        raw = _content_type(self.data, entity.start, header_end)
         entity.content_type = parse_content_type(raw) or entity.default
         mime = entity.content_type.mime
         if mime.startswith("multipart/"):
@@ -791,8 +834,11 @@ class _StructureParser:
         return part
 
 
-def _first_field(data: bytes, start: int, end: int, name: bytes) -> bytes | None:
-    for f in header_fields(data, start, end):
-        if f.name.lower() == name:
-            return _unfold(data[f.value_start:f.end]).strip(b" \t")
-    return None
+def _content_type(data: bytes, start: int, end: int) -> bytes | None:
+    """The first Content-Type value of the header data[start:end] (as Dovecot: the
+    first one counts)."""
+    m = _CONTENT_TYPE.search(data, start, end)
+    if m is None:
+        return None
+    field = _field_at(data, m.start(), end, m.group(1), m.end())
+    return _unfold(data[field.value_start:field.end]).strip(b" \t")

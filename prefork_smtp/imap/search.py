@@ -133,7 +133,7 @@ def _header(key: P.SearchHeader, codec: str) -> Matcher:
     needle = _needle(key.value, codec)
 
     def match(item: MailItem, ctx: _Context) -> bool:
-        return any(n == name and needle in v.casefold()
+        return any(n.lower() == name and needle in v.casefold()
                    for n, v in ctx.load(item).decoded_headers())
     return match
 
