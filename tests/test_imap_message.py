@@ -107,8 +107,9 @@ def test_multipart_alternative_with_attachment_and_message() -> None:
 
 SECTIONS = {   # (Dovecot) every one
     ((), None): RICH,
+    # the CRLF that ends a close delimiter stays with its multipart
     ((1,), None): (b"--alt\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nplain\r\ntext\r\n"
-                   b"--alt\r\nContent-Type: text/html\r\n\r\n<p>html</p>\r\n--alt--"),
+                   b"--alt\r\nContent-Type: text/html\r\n\r\n<p>html</p>\r\n--alt--\r\n"),
     ((1, 1), None): b"plain\r\ntext",
     ((1, 1), "MIME"): b"Content-Type: text/plain; charset=utf-8\r\n\r\n",
     ((1, 2), None): b"<p>html</p>",

@@ -17,7 +17,7 @@ line that starts with "--" is compared with at most MAX_MIME_DEPTH active bounda
 Where RFC 3501 is silent we do what Dovecot does (and tests compare with it): BODY[n] of
 a part that does not exist is empty, a non-multipart part's part 1 is its body, the
 CRLF before a boundary belongs to the boundary (RFC 2046 §5.1.1) even when it is the
-blank line after a part's header, boundaries match as prefixes of a line (RFC 2046
+blank line after a part's header, but not when it ends a boundary line, boundaries match as prefixes of a line (RFC 2046
 §5.1.1) with the longest active one winning, types keep the case they were written in,
 a text part without a charset gets ("charset" "us-ascii") appended, and a multipart
 without parts shows one empty text/plain part (RFC 3501 §9 needs at least one).
@@ -686,6 +686,7 @@ class _StructureParser:
         self.boundaries: list[tuple[bytes, _Open]] = []   # active, innermost last
         self.parts = 0
         self._finder_key: tuple | None = None
+        self.after_boundary = -1         # where the last boundary line ended
         self._finder_re: "re.Pattern[bytes] | None" = None
 
     def parse(self) -> Part:
@@ -800,8 +801,14 @@ class _StructureParser:
 
     def _at_boundary(self, at: int, owner: _Open, close: bool, line_end: int) -> None:
         self._advance(at)
-        # RFC 2046 §5.1.1: the line end before the boundary belongs to the boundary.
-        crlf = 2 if self.data[at - 2:at] == b"\r\n" else (1 if at and self.data[at - 1] == 0x0A else 0)
+        # RFC 2046 §5.1.1: the line end before the boundary belongs to the boundary,
+        # unless it ends a boundary line itself (as in Dovecot: "--inner--\r\n--outer"
+        # leaves the CRLF to the inner multipart).
+        if at == self.after_boundary:
+            crlf = 0
+        else:
+            crlf = 2 if self.data[at - 2:at] == b"\r\n" else (1 if at and self.data[at - 1] == 0x0A else 0)
+        self.after_boundary = line_end
         end_line = self.line - (1 if crlf else 0)
         while self.stack[-1] is not owner:
             self._close(self.stack[-1], at - crlf, end_line)
