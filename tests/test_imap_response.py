@@ -10,7 +10,7 @@ import pytest
 from prefork_smtp.imap import fetch as F
 from prefork_smtp.imap import parser as P
 from prefork_smtp.imap import response as R
-from prefork_smtp.imap.message import MailItem, Message, lazy_message
+from prefork_smtp.imap.message import MailItem, lazy_message
 
 
 @pytest.mark.parametrize("value, expected", [

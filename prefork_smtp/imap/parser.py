@@ -386,24 +386,19 @@ def _base64(text: bytes) -> bytes | None:
 
 # --- character classes (RFC 3501 §9) -------------------------------------------------------
 
-def _bytes_set(chars: bytes) -> frozenset[int]:
-    return frozenset(chars)
-
-
 _CTL = frozenset(range(0x20)) | {0x7F}
-_ATOM_SPECIALS = _bytes_set(b'(){ %*"\\]') | _CTL | frozenset(range(0x80, 0x100))
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | _CTL | frozenset(range(0x80, 0x100))
 ATOM_CHARS = frozenset(range(256)) - _ATOM_SPECIALS
 ASTRING_CHARS = ATOM_CHARS | {ord("]")}
 _TAG_CHARS = ASTRING_CHARS - {ord("+")}
-_LIST_CHARS = ATOM_CHARS | _bytes_set(b"%*]")
-_DIGITS = _bytes_set(b"0123456789")
-_NAME_CHARS = _bytes_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.")
+_LIST_CHARS = ATOM_CHARS | frozenset(b"%*]")
+_DIGITS = frozenset(b"0123456789")
+_NAME_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.")
 _MONTHS = {m: i + 1 for i, m in enumerate(
     ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"))}
 # RFC 3501 §2.3.2; \Recent cannot be stored (§6.4.6) and other \-flags do not exist here.
 SYSTEM_FLAGS = {f.upper(): f for f in ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen",
                                        "\\Draft")}
-RECENT = "\\Recent"
 _DATE_TIME = re.compile(
     rb'"([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"')
 STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"})
@@ -683,7 +678,7 @@ def _authenticate(r: _Reader) -> Authenticate:
     return Authenticate(mechanism, initial)
 
 
-_BASE64_CHARS = _bytes_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+_BASE64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 
 
 def _login(r: _Reader) -> Login:
@@ -796,7 +791,7 @@ _FETCH_MACROS = {
 _FETCH_NAMES = frozenset({"ENVELOPE", "FLAGS", "INTERNALDATE", "RFC822", "RFC822.HEADER",
                           "RFC822.SIZE", "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID"})
 _SECTION_TEXTS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"})
-_SECTION_WORD_CHARS = _bytes_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.")
+_SECTION_WORD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.")
 # RFC 5322 §3.6.8: field-name = 1*ftext, ftext = %d33-57 / %d59-126
 _FIELD_NAME_CHARS = frozenset(range(33, 127)) - {ord(":")}
 
