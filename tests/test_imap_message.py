@@ -544,3 +544,13 @@ def test_mime_field_values_are_interpreted_up_to_a_bound() -> None:
     data = b"Content-Type: text/plain; a=1;" + pad + b"; charset=utf-8\r\n\r\nbody"
     ct = M.Message(data).root.content_type
     assert ct.param("a") == b"1" and ct.param("charset") is None
+
+
+@pytest.mark.parametrize("charset", [b"idna", b"undefined", b"punycode", b"rot13", b"base64",
+                                     b"no-such", b"\xff", b"utf-16", b"unicode_escape"])
+def test_odd_charsets_never_raise(charset: bytes) -> None:
+    data = (b"Subject: =?" + charset + b"?q?x=FFy?=\r\nContent-Type: text/plain; charset=\""
+            + charset + b"\"\r\n\r\n\xff\x00body\\x\r\n")
+    m = M.Message(data)
+    list(m.text_parts())
+    list(m.decoded_headers())

@@ -388,9 +388,11 @@ class Message:
 
 
 def _decode_charset(raw: bytes, charset: str) -> str:
+    """Octets in the charset a message names, or as UTF-8 when Python has no such text
+    codec or the codec fails (a message may name "idna" or "undefined")."""
     try:
         return raw.decode(charset, "replace")
-    except LookupError:
+    except (LookupError, UnicodeError, ValueError):
         return raw.decode("utf-8", "replace")
 
 
