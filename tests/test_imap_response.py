@@ -90,6 +90,8 @@ def test_capabilities() -> None:
     assert R.greeting(after_tls) == (
         b"* OK [CAPABILITY " + " ".join(after_tls).encode() + b"] ccsmtp IMAP ready\r\n")
     assert R.capability_response(("IMAP4rev1", "IDLE")) == b"* CAPABILITY IMAP4rev1 IDLE\r\n"
+    assert "UNSELECT" not in after_tls
+    assert set(R.OPTIONAL_CAPABILITIES) <= set(R.capabilities(extra=R.OPTIONAL_CAPABILITIES))
 
 
 # --- FETCH ----------------------------------------------------------------------------------

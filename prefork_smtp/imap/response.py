@@ -59,8 +59,9 @@ TOOBIG = "TOOBIG"
 # --- capabilities (RFC 3501 §6.1.1 and the extensions of SPEC §9) --------------------
 
 IMAP4REV1 = "IMAP4rev1"
-BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "IDLE", "UIDPLUS", "NAMESPACE",
-                     "UNSELECT", "ENABLE")
+BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "IDLE", "UIDPLUS", "NAMESPACE")
+# The parser reads these commands too; advertise them once the state machine does them.
+OPTIONAL_CAPABILITIES = ("UNSELECT", "ENABLE")
 STARTTLS = "STARTTLS"
 LOGINDISABLED = "LOGINDISABLED"
 AUTH_PLAIN = "AUTH=PLAIN"
@@ -80,14 +81,14 @@ _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 
 
 def capabilities(*, starttls: bool = False, login_disabled: bool = False,
-                 authenticated: bool = False) -> tuple[str, ...]:
+                 authenticated: bool = False, extra: Sequence[str] = ()) -> tuple[str, ...]:
     """The capability list for the current state (RFC 3501 §6.1.1, §6.2.3).
 
     STARTTLS is offered only before login on a plain connection that has a certificate;
     LOGINDISABLED when passwords may not be sent yet (SPEC §9); AUTH=PLAIN otherwise.
-    After login only the extensions are listed.
+    After login only the extensions are listed. `extra`: e.g. OPTIONAL_CAPABILITIES.
     """
-    caps = list(BASE_CAPABILITIES)
+    caps = list(BASE_CAPABILITIES) + list(extra)
     if not authenticated:
         if starttls:
             caps.append(STARTTLS)
