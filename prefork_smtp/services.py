@@ -7,10 +7,13 @@ session handshakes before greeting: RFC 8314); the others offer STARTTLS/STLS.
 
 from __future__ import annotations
 
+from .pop3.service import POP3Service
 from .service import Service
 from .smtp.service import SMTPService
 
 SERVICES: dict[str, Service] = {
     "smtp": Service("smtp", "smtp", SMTPService),
     "smtps": Service("smtps", "smtp", SMTPService),
+    "pop3": Service("pop3", "pop3", POP3Service),
+    "pop3s": Service("pop3s", "pop3", POP3Service),
 }
