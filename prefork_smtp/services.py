@@ -7,6 +7,7 @@ session handshakes before greeting: RFC 8314); the others offer STARTTLS/STLS.
 
 from __future__ import annotations
 
+from .imap.service import IMAPService
 from .pop3.service import POP3Service
 from .service import Service
 from .smtp.service import SMTPService
@@ -16,4 +17,6 @@ SERVICES: dict[str, Service] = {
     "smtps": Service("smtps", "smtp", SMTPService),
     "pop3": Service("pop3", "pop3", POP3Service),
     "pop3s": Service("pop3s", "pop3", POP3Service),
+    "imap": Service("imap", "imap", IMAPService),
+    "imaps": Service("imaps", "imap", IMAPService),
 }

@@ -205,3 +205,9 @@ def _ordered(keys: list[P.SearchKey]) -> list[P.SearchKey]:
 def needs_content(program: P.Search) -> bool:
     """Whether evaluating the program may load messages."""
     return _cost(program.key) > 0
+
+
+def content_cost(program: P.Search) -> int:
+    """How much of each message evaluating the program may read: 0 nothing, 1 the
+    header, 2 the body too (so a caller can hand out header-only messages for 1)."""
+    return _cost(program.key)
