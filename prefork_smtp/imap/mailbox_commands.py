@@ -67,7 +67,8 @@ class Outcome:
     error: BaseException | None = None
 
 
-OK_DONE = "completed"
+# The protocol says "<command> completed" for an OK with this (empty) text.
+OK_DONE = ""
 
 Command = Generator[bytes, None, Outcome]
 
@@ -119,9 +120,9 @@ class Job:
         self._command.close()
 
 
-def run(command: Command) -> tuple[bytes, Outcome]:
-    """All of a command's output and its outcome (tests, and small commands)."""
-    job = Job(command)
+def run(command: "Command | Job") -> tuple[bytes, Outcome]:
+    """All of a command's output and its outcome (for tests)."""
+    job = command if isinstance(command, Job) else Job(command)
     out = []
     while chunk := job.next_batch():
         out.append(chunk)
@@ -184,7 +185,7 @@ def select(spool_dir: str, name: str, read_only: bool) -> Command:
     out.append(R.untagged(R.OK, "UIDs valid", code=f"UIDVALIDITY {view.uidvalidity}"))
     out.append(R.untagged(R.OK, "Predicted next UID", code=f"UIDNEXT {view.uidnext}"))
     yield b"".join(out)
-    return Outcome(R.OK, f"{'Examine' if read_only else 'Select'} completed",
+    return Outcome(R.OK, OK_DONE,
                    code="READ-ONLY" if read_only else "READ-WRITE", selected=box)
 
 
@@ -208,7 +209,7 @@ def status(spool_dir: str, name: str, items: Sequence[str]) -> Command:
     }
     pairs = " ".join(f"{item} {values[item]()}" for item in items)
     yield f"* STATUS INBOX ({pairs})\r\n".encode("ascii")
-    return Outcome(R.OK, "Status completed")
+    return Outcome(R.OK, OK_DONE)
 
 
 def close(box: SelectedMailbox) -> Command:
@@ -217,7 +218,7 @@ def close(box: SelectedMailbox) -> Command:
         deleted = [info.uid for info in box.view.messages() if "\\Deleted" in info.flags]
         if deleted:
             box.view.expunge(deleted)
-    return Outcome(R.OK, "Close completed", unselect=True)
+    return Outcome(R.OK, OK_DONE, unselect=True)
     yield b""   # a generator, like the other commands  # pragma: no cover
 
 
@@ -239,7 +240,7 @@ def expunge(box: SelectedMailbox, uid_set: P.SequenceSet | None = None) -> Comma
     if deleted:
         view.expunge(deleted)
     yield from updates(box, allow_expunge=True)
-    return Outcome(R.OK, "Expunge completed")
+    return Outcome(R.OK, OK_DONE)
 
 
 # --- STORE -------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def store(box: SelectedMailbox, args: P.Store, uid: bool) -> Command:
         yield b"".join(out)
     if missing:
         return Outcome(R.NO, "Some of the messages no longer exist", code="EXPUNGEISSUED")
-    return Outcome(R.OK, "Store completed")
+    return Outcome(R.OK, OK_DONE)
 
 
 # --- SEARCH -----------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def search(box: SelectedMailbox, args: P.Search, uid: bool) -> Command:
                               lazy_message(read)))
     found = S.search(args, items)
     yield R.search_response(item.uid if uid else item.seq for item in found)
-    return Outcome(R.OK, "Search completed")
+    return Outcome(R.OK, OK_DONE)
 
 
 def _reader(view: mailstore.ImapView, uid: int, headers_only: bool) -> Callable[[], bytes]:
@@ -323,8 +324,8 @@ def fetch(box: SelectedMailbox, args: P.Fetch, uid: bool) -> Command:
     if chosen is None:
         return Outcome(R.BAD, "Invalid message sequence number")
     atts = with_uid(args.attributes) if uid else tuple(args.attributes)
-    plan = _Plan(atts)
-    if plan.sets_seen and not box.read_only:
+    plan = _Plan(atts, box.read_only)
+    if plan.sets_seen:
         _set_seen(view, chosen)
     infos = _infos(view, chosen)
     fetcher = _Fetcher(box, plan)
@@ -362,7 +363,7 @@ def fetch(box: SelectedMailbox, args: P.Fetch, uid: bool) -> Command:
     if gone:
         # RFC 2180 §4.1.3: answer what exists, and NO for the rest.
         return Outcome(R.NO, "Some of the messages no longer exist", code="EXPUNGEISSUED")
-    return Outcome(R.OK, "Fetch completed")
+    return Outcome(R.OK, OK_DONE)
 
 
 def _set_seen(view: mailstore.ImapView, chosen: list[tuple[int, int]]) -> None:
@@ -382,10 +383,10 @@ def _infos(view: mailstore.ImapView, chosen: list[tuple[int, int]]
 class _Plan:
     """What a FETCH's items need: computed once per command, not per message."""
 
-    def __init__(self, atts: Sequence[P.FetchAtt]):
+    def __init__(self, atts: Sequence[P.FetchAtt], read_only: bool):
         self.atts = tuple(atts)
         self.names = [item_name(a) for a in atts]
-        self.sets_seen = any(a.sets_seen for a in atts)
+        self.sets_seen = not read_only and any(a.sets_seen for a in atts)
         if self.sets_seen and not any(a.name == "FLAGS" and a.section is None for a in atts):
             self.atts += (P.FetchAtt("FLAGS"),)
             self.names.append(b"FLAGS")

@@ -244,7 +244,8 @@ class IMAPConnection:
                                   and outcome.status != R.OK):
             self._unselect()
         if command is not self._idle:
-            self._tagged(events, command.tag, outcome.status, outcome.text, code=outcome.code,
+            self._tagged(events, command.tag, outcome.status,
+                         outcome.text or f"{command.name} completed", code=outcome.code,
                          error=outcome.status == R.BAD)
         if self._shutting_down:
             return self._close(events, BYE_SHUTDOWN)
@@ -338,16 +339,16 @@ class IMAPConnection:
             self._tagged(events, event.tag, R.BAD, R.UNKNOWN_COMMAND, error=True)
             return
         if self.state not in spec.allowed:
-            self._tagged(events, event.tag, R.BAD, self._wrong_state(), error=True)
+            self._tagged(events, event.tag, R.BAD, self._wrong_state(spec), error=True)
             return
         spec.handler(self, event, events)
 
-    def _wrong_state(self) -> str:
+    def _wrong_state(self, spec: Command) -> str:
+        if State.NOT_AUTHENTICATED in spec.allowed:
+            return ALREADY_LOGGED_IN
         if self.state is State.NOT_AUTHENTICATED:
             return NOT_LOGGED_IN
-        if self.state is State.AUTHENTICATED:
-            return NO_MAILBOX_SELECTED
-        return ALREADY_LOGGED_IN
+        return NO_MAILBOX_SELECTED
 
     def _continuation(self, event: P.SendContinuation, events: list[Event]) -> None:
         """RFC 3501 §7.5: a literal is invited only for a command that can use it."""
@@ -358,7 +359,7 @@ class IMAPConnection:
         elif spec is None or self.state not in spec.allowed:
             self.parser.refuse_literal()
             self._tagged(events, event.tag, R.BAD,
-                         R.UNKNOWN_COMMAND if spec is None else self._wrong_state(), error=True)
+                         R.UNKNOWN_COMMAND if spec is None else self._wrong_state(spec), error=True)
         else:
             events.append(Send(R.CONTINUE_LITERAL))
 
