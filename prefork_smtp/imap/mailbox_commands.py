@@ -299,18 +299,20 @@ def search(box: SelectedMailbox, args: P.Search, uid: bool) -> Command:
     for seq, info in enumerate(view.messages(), 1):
         if info.size == 0 and info.internaldate == 0:
             continue            # expunged by another session, not reported yet
-        read = _reader(view, info.uid, headers_only)
         items.append(MailItem(seq, info.uid, info.flags, _date(info.internaldate), info.size,
-                              lazy_message(read)))
+                              _loader(view, info.uid, headers_only)))
     found = S.search(args, items)
     yield R.search_response(item.uid if uid else item.seq for item in found)
     return Outcome(R.OK, OK_DONE)
 
 
-def _reader(view: mailstore.ImapView, uid: int, headers_only: bool) -> Callable[[], bytes]:
+def _loader(view: mailstore.ImapView, uid: int, headers_only: bool) -> Callable[[], Message]:
+    """MailItem.load: the message read and parsed on first use (its header only when
+    the program needs no more)."""
     if headers_only:
-        return lambda: view.mailbox.top(uid, 0, uidvalidity=view.uidvalidity)
-    return lambda: view.content(uid)
+        return lazy_message(lambda: view.mailbox.top(uid, 0, uidvalidity=view.uidvalidity),
+                            Message.from_header)
+    return lazy_message(lambda: view.content(uid))
 
 
 # --- FETCH ------------------------------------------------------------------------------
@@ -457,7 +459,8 @@ class _Fetcher:
 
         def msg() -> Message:
             if not message:
-                message.append(Message(self._read(info.uid, plan.headers_only)))
+                data = self._read(info.uid, plan.headers_only)
+                message.append(Message.from_header(data) if plan.headers_only else Message(data))
             return message[0]
 
         items = [name + b" " + self._value(att, info, cached, msg)

@@ -35,11 +35,16 @@ import email.errors
 import email.header
 import email.utils
 import enum
+import functools
 import quopri
 import re
 from typing import Callable, Iterator
 
 from .addresses import Address, parse_address_list
+
+# The same From:/To: values come back message after message (a correspondent, the
+# user's own address): parse each once. Values are immutable tuples of frozen Addresses.
+_address_list = functools.lru_cache(maxsize=4096)(parse_address_list)
 
 # SPEC §9 ("parts nested deeper than 100 levels are shown as opaque"); also Dovecot's
 # MESSAGE_PARSER_DEFAULT_MAX_NESTED_MIME_PARTS. The top-level message is level 1.
@@ -165,13 +170,15 @@ class MailItem:
     load: Callable[[], "Message"]
 
 
-def lazy_message(read: Callable[[], bytes]) -> Callable[[], "Message"]:
-    """A MailItem.load that reads and parses on first use and keeps the result."""
+def lazy_message(read: Callable[[], bytes],
+                 make: "Callable[[bytes], Message] | None" = None) -> Callable[[], "Message"]:
+    """A MailItem.load that reads and parses on first use and keeps the result
+    (make: Message.from_header when read() gives only the header)."""
     cache: list[Message] = []
 
     def load() -> Message:
         if not cache:
-            cache.append(Message(read()))
+            cache.append((make or Message)(read()))
         return cache[0]
     return load
 
@@ -186,6 +193,16 @@ class Message:
     def __init__(self, data: bytes):
         self.data = bytes(data)
         self.root = _StructureParser(self.data).parse()
+
+    @classmethod
+    def from_header(cls, header: bytes) -> "Message":
+        """A message of which only the header (with its blank line, if any) was read:
+        ENVELOPE, header fields and BODY[HEADER...] sections are those of the whole
+        message; the body and the structure are not known (an empty text/plain)."""
+        self = cls.__new__(cls)
+        self.data = bytes(header)
+        self.root = Part(0, len(self.data), len(self.data), 0, Kind.LEAF, TEXT_PLAIN)
+        return self
 
     @property
     def size(self) -> int:
@@ -227,7 +244,7 @@ class Message:
 
         def addresses(name: bytes) -> tuple[Address, ...] | None:
             value = found.get(name)
-            return (parse_address_list(value) or None) if value is not None else None
+            return (_address_list(value) or None) if value is not None else None
 
         from_ = addresses(b"from")
         return Envelope(

@@ -16,6 +16,7 @@ included (as a literal). A NUL never goes on the wire: IMAP4rev1 literals are CH
 from __future__ import annotations
 
 import datetime
+import functools
 from typing import Iterable, Sequence
 
 CRLF = b"\r\n"
@@ -203,7 +204,9 @@ def params(pairs: Sequence[tuple[bytes, bytes]] | None) -> bytes:
 
 # --- ENVELOPE and BODYSTRUCTURE (RFC 3501 §7.4.2) ---------------------------------------
 
+@functools.lru_cache(maxsize=4096)
 def address_list(addresses) -> bytes:
+    """A tuple of addresses.Address (hashable: the same lists recur across messages)."""
     if not addresses:
         return b"NIL"
     return b"(" + b"".join(
