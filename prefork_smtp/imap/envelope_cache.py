@@ -173,11 +173,11 @@ class EnvelopeCache:
                                      for new, prev in zip((env, body, bs), old[1:]))
                 self._entries[uid] = (fp, env, body, bs)
                 records.append(_encode(uid, fp, env, body, bs))
+            live = set(live_uids) if live_uids is not None else None
             try:
                 if self._broken or self._file_key is None or (
-                        live_uids is not None and self._records > 2 * len(self._entries)
-                        + SLACK_RECORDS):
-                    self._compact(live_uids)
+                        live is not None and self._records > 2 * len(live) + SLACK_RECORDS):
+                    self._compact(live)
                 else:
                     self._append(b"".join(records), len(records))
             except OSError as e:
