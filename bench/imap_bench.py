@@ -1,0 +1,262 @@
+"""IMAP benchmark: ccsmtp against a private Dovecot (mbox INBOX) on the same 10,000-message
+mailbox, on loopback.
+
+    sudo python3 bench/imap_bench.py [--messages 10000] [--idle 100] [--sessions 20]
+
+Scenarios, each against both servers:
+  fetch   SELECT + UID FETCH 1:* (FLAGS ENVELOPE RFC822.SIZE), on a fresh mailbox (first:
+          no index, no cache) and then again (second, third), one raw-socket client that
+          reads until the tagged OK (client parsing is not measured)
+  idle    N sessions SELECT and IDLE; one message is appended to the mbox (under its
+          locks, as delivery does); time until every session has seen "* n EXISTS"
+  rss     M sessions each SELECT + UID FETCH 1:* (FLAGS ENVELOPE RFC822.SIZE) and stay
+          open; the largest ccsmtp worker RSS (and Dovecot's largest imap process)
+Needs root (both servers drop to nobody), dovecot-imapd and tests/servers.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+import servers  # noqa: E402
+from prefork_smtp.store import mbox  # noqa: E402
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
+         "pi rho sigma tau").split()
+FETCH = b"UID FETCH 1:* (FLAGS ENVELOPE RFC822.SIZE)"
+
+
+def message(i: int, rnd: random.Random) -> bytes:
+    subject = " ".join(rnd.choice(WORDS) for _ in range(6))
+    body = "\n".join(" ".join(rnd.choice(WORDS) for _ in range(12))
+                     for _ in range(rnd.randint(5, 60)))
+    return (f"From sender{i % 50}@example.org Mon Jan  1 00:{i // 60 % 60:02d}:{i % 60:02d} 2024\n"
+            f"Return-Path: <sender{i % 50}@example.org>\n"
+            f"Received: from mx.example.org (mx.example.org [192.0.2.{i % 250}])\n"
+            f"\tby mail.example.org (ccsmtp) with ESMTP id {i:012X}\n"
+            f"\tfor <alice@example.org>; Mon, 1 Jan 2024 00:00:00 +0000\n"
+            f"From: \"Sender Number {i % 50}\" <sender{i % 50}@example.org>\n"
+            f"To: Alice <alice@example.org>, bob@example.org\nCc: carol@example.org\n"
+            f"Subject: {subject}\nDate: Mon, 1 Jan 2024 00:{i // 60 % 60:02d}:{i % 60:02d} +0000\n"
+            f"Message-ID: <{i}.{rnd.getrandbits(40):x}@example.org>\n"
+            f"MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\n{body}\n\n").encode()
+
+
+def make_mbox(path: Path, count: int) -> None:
+    rnd = random.Random(1)
+    with open(path, "wb") as f:
+        for i in range(count):
+            f.write(message(i, rnd))
+
+
+# --- a tiny IMAP client -----------------------------------------------------------------
+
+class Client:
+    def __init__(self, port: int, user: str, password: str):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.buf = bytearray()
+        self._read_until(b"\r\n")
+        self.n = 0
+        self.command(f"LOGIN {user} {password}".encode())
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while True:
+            i = self.buf.find(marker)
+            if i >= 0:
+                out = bytes(self.buf[:i + len(marker)])
+                del self.buf[:i + len(marker)]
+                return out
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+
+    def command(self, line: bytes) -> bytes:
+        self.n += 1
+        tag = b"t%d" % self.n
+        self.sock.sendall(tag + b" " + line + b"\r\n")
+        self.buf[0:0] = b"\r\n"          # the buffer starts at a line start
+        out = self._read_until(b"\r\n" + tag + b" ") + self._read_until(b"\r\n")
+        return out[2:]
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"z LOGOUT\r\n")
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# --- the servers -------------------------------------------------------------------------
+
+def start_ccsmtp(root: Path, mbox_file: Path) -> tuple[subprocess.Popen, int, Path]:
+    import crypt_r
+    spool = root / "spool"
+    spool.mkdir()
+    shutil.copy(mbox_file, spool / "alice")
+    shutil.chown(spool, "nobody")
+    shutil.chown(spool / "alice", "nobody")
+    users = root / "users"
+    users.write_text(f"alice:{{SHA512-CRYPT}}{crypt_r.crypt('secret', crypt_r.mksalt(crypt_r.METHOD_SHA512))}\n")
+    users.chmod(0o644)
+    config = root / "ccsmtp.toml"
+    config.write_text(f'users_file = "{users}"\nmax_connections_per_client = 1000\n')
+    config.chmod(0o644)
+    smtp, imap = servers.free_port(), servers.free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bin" / "ccsmtp-master"), "-w", "2",
+                             "-l", f"127.0.0.1:{smtp}", "-l", f"imap://127.0.0.1:{imap}",
+                             "-s", str(spool), "-d", "example.org", "-c", str(config),
+                             "-u", "nobody"], stdout=subprocess.DEVNULL,
+                            stderr=open(root / "ccsmtp.log", "wb"), start_new_session=True)
+    servers.wait_until(lambda: servers.read_greeting("127.0.0.1", imap), proc, "ccsmtp IMAP")
+    return proc, imap, spool / "alice"
+
+
+def start_dovecot(mbox_file: Path):
+    original = servers.dovecot_config
+    servers.dovecot_config = lambda *a: original(*a).replace(
+        "mail_location = maildir:~/Maildir", "mail_location = mbox:~/mail:INBOX=~/inbox"
+    ) + "protocol imap {\n  mail_max_userip_connections = 1000\n}\n" + \
+        "service imap-login {\n  process_limit = 1000\n}\n"
+    try:
+        dovecot = servers.start_dovecot(users=("alice",), imap=True)
+    finally:
+        servers.dovecot_config = original
+    home = dovecot.home("alice")
+    (home / "mail").mkdir(parents=True)
+    (home / ".ccsmtp").mkdir()        # mbox.append's dot-lock scratch file goes here
+    shutil.copy(mbox_file, home / "inbox")
+    for path in (home, home / "mail", home / "inbox"):
+        shutil.chown(path, "nobody", "nogroup")
+    return dovecot, dovecot.imap_port, home / "inbox"
+
+
+# --- scenarios --------------------------------------------------------------------------
+
+def fetch_rounds(port: int, password: str, rounds: int = 3) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        client = Client(port, "alice", password)
+        start = time.perf_counter()
+        client.command(b"SELECT INBOX")
+        client.command(FETCH)
+        out.append(time.perf_counter() - start)
+        client.close()
+    return out
+
+
+def idle_latency(port: int, password: str, mailbox: Path, sessions: int) -> tuple[float, float]:
+    clients = []
+    for _ in range(sessions):
+        client = Client(port, "alice", password)
+        client.command(b"SELECT INBOX")
+        client.send(b"i IDLE\r\n")
+        client._read_until(b"+ ")
+        client._read_until(b"\r\n")
+        clients.append(client)
+    time.sleep(1.0)
+    seen: list[float] = []
+    lock = threading.Lock()
+
+    def wait(client: Client) -> None:
+        client.sock.settimeout(30)
+        client._read_until(b" EXISTS\r\n")
+        with lock:
+            seen.append(time.perf_counter())
+
+    threads = [threading.Thread(target=wait, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    data = message(999_999, random.Random(2))
+    start = time.perf_counter()
+    mbox.append(str(mailbox.parent), mailbox.name, [data])
+    for t in threads:
+        t.join(40)
+    for client in clients:
+        client.close()
+    seen.sort()
+    return seen[len(seen) // 2] - start, seen[-1] - start
+
+
+def rss_peak(port: int, password: str, sessions: int, pids) -> float:
+    clients = []
+    for _ in range(sessions):
+        client = Client(port, "alice", password)
+        client.command(b"SELECT INBOX")
+        client.command(FETCH)
+        clients.append(client)
+    peak = 0
+    for pid in pids():
+        try:
+            peak = max(peak, psutil.Process(pid).memory_info().rss)
+        except psutil.Error:
+            pass
+    for client in clients:
+        client.close()
+    return peak / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--idle", type=int, default=100)
+    ap.add_argument("--sessions", type=int, default=20)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="imap-bench-"))
+    root.chmod(0o755)
+    source = root / "source.mbox"
+    make_mbox(source, args.messages)
+    proc, port, cc_mailbox = start_ccsmtp(root, source)
+    dovecot, dport, dv_mailbox = start_dovecot(source)
+    dpass = servers.DOVECOT_PASSWORD
+
+    def cc_workers():
+        return [c.pid for c in psutil.Process(proc.pid).children()
+                if "worker" in " ".join(c.cmdline())]
+
+    def dv_imaps():
+        return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "imap"]
+
+    try:
+        print(f"{args.messages} messages, {source.stat().st_size / 2**20:.1f} MB")
+        for name, p, pw in (("ccsmtp", port, "secret"), ("dovecot", dport, dpass)):
+            rounds = fetch_rounds(p, pw)
+            print(f"fetch  {name:8s} first {rounds[0]:.3f}s second {rounds[1]:.3f}s "
+                  f"third {rounds[2]:.3f}s")
+        for name, p, pw, box in (("ccsmtp", port, "secret", cc_mailbox),
+                                 ("dovecot", dport, dpass, dv_mailbox)):
+            median, last = idle_latency(p, pw, box, args.idle)
+            print(f"idle   {name:8s} {args.idle} sessions: median {median * 1000:.0f} ms, "
+                  f"last {last * 1000:.0f} ms")
+        for name, p, pw, pids in (("ccsmtp", port, "secret", cc_workers),
+                                  ("dovecot", dport, dpass, dv_imaps)):
+            print(f"rss    {name:8s} {args.sessions} sessions: largest process "
+                  f"{rss_peak(p, pw, args.sessions, pids):.1f} MB")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        servers.remove_dovecot(dovecot)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
