@@ -377,6 +377,16 @@ def _set_seen(view: mailstore.ImapView, chosen: list[tuple[int, int]]) -> None:
 def _infos(view: mailstore.ImapView, chosen: list[tuple[int, int]]
            ) -> dict[int, mailstore.MessageInfo]:
     """MessageInfo of the chosen messages that still exist."""
+    if len(chosen) * 8 < view.exists:
+        # A few messages of a large mailbox (a client reading one message): look them
+        # up by UID rather than listing the whole mailbox.
+        out = {}
+        for _, u in chosen:
+            try:
+                out[u] = view.mailbox.info(u)
+            except mailstore.MessageGone:
+                pass
+        return out
     wanted = {u for _, u in chosen}
     return {info.uid: info for info in view.messages()
             if info.uid in wanted and not (info.size == 0 and info.internaldate == 0)}

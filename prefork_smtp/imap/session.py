@@ -184,7 +184,10 @@ class IMAPSession(StreamSession):
         asyncio.get_running_loop().create_task(job).add_done_callback(done)
 
     def _answer(self, events: list[Event]) -> None:
-        self._arm_deadline()
+        # An answer restarts the autologout clock, but IDLE's updates do not: a client
+        # idling on a busy mailbox must still re-issue IDLE (RFC 2177 §3).
+        if self.conn is not None and not self.conn.idling:
+            self._arm_deadline()
         self._run(events)
 
     # --- login --------------------------------------------------------------------------
