@@ -105,6 +105,7 @@ class IMAPSession(StreamSession):
 
     def ended(self, exc: Exception | None) -> None:
         self._stop_idling()
+        self._writable.set()     # a FETCH waiting for the client to read wakes and stops
         if self.conn is not None:
             log.info("disconnect from [%s] user=%s%s", self.client_ip, self._user or "-",
                      f" tls={self.tls.version}" if self.tls else "")
