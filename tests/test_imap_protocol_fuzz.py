@@ -22,7 +22,8 @@ FUZZ = settings(max_examples=150, deadline=None,
                                        HealthCheck.function_scoped_fixture])
 # A response line: tagged or untagged status/data, or a continuation request; literal
 # octets inside FETCH responses are skipped by their announced size.
-_LINE = re.compile(rb"(\* |\+ |[!#$&'+,\-./0-9:<=>?@A-Z^_`a-z|}~\[]+ (OK|NO|BAD) )")
+# A tag is any run of ASTRING-CHARs but "+" (RFC 3501 §9), as the parser checked it.
+_LINE = re.compile(rb'(\* |\+ |[^ \x00-\x1f\x7f-\xff(){%*"\\+]+ (OK|NO|BAD) )')
 
 COMMANDS = [
     b"a CAPABILITY", b"b NOOP", b"c LOGIN alice secret", b"c2 LOGIN alice wrong",
