@@ -537,6 +537,17 @@ def test_any_octets_give_a_consistent_structure(bits: list[bytes]) -> None:
     list(m.text_parts())
 
 
+def test_an_empty_part_of_a_digest_stays_inside_its_parent() -> None:
+    # Found by the Hypothesis test above: the part's blank line is the next boundary's
+    # CRLF, and its message/rfc822 child began after the part's own end.
+    data = b"Content-Type: multipart/digest; boundary=b\r\n\r\n--b\r\n\r\n--b\r\n"
+    m = M.Message(data)
+    for _, part in all_parts(m.root):
+        assert 0 <= part.start <= part.body_start <= part.end <= len(data)
+        for child in part.children:
+            assert part.body_start <= child.start and child.end <= part.end
+
+
 def test_mime_field_values_are_interpreted_up_to_a_bound() -> None:
     """MAX_MIME_FIELD_BYTES: parameters past it are not read (a 25 MB Content-Type
     would otherwise be parsed octet by octet)."""

@@ -244,17 +244,19 @@ def test_stand_in_follows_the_most_common_scheme(tmp_path, dovecot_hashes):
 def test_unknown_user_takes_as_long_as_a_wrong_password(tmp_path):
     users = load_users(write(tmp_path, f"bob:{hash_password('right')}\n"))
 
-    def fastest(name: str) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            assert not users.verify(name, "wrong")
-            times.append(time.perf_counter() - start)
-        return min(times)   # the least disturbed by other load on the machine
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        assert not users.verify(name, "wrong")
+        return time.perf_counter() - start
 
-    known, unknown = fastest("bob"), fastest("nobody")
+    # Interleaved, and the fastest of each: the least disturbed by other load on the
+    # machine. Without the stand-in hash an unknown user costs ~1% of a known one, so
+    # a wide band still catches that (test_unknown_user_is_checked_against_a_hash_of_the_same_cost pins
+    # the mechanism itself).
+    pairs = [(timed("bob"), timed("nobody")) for _ in range(6)]
+    known, unknown = min(k for k, _ in pairs), min(u for _, u in pairs)
     assert known > 0.005, "a check should cost a real hash computation"
-    assert 0.5 < unknown / known < 2.0, (known, unknown)
+    assert 0.33 < unknown / known < 3.0, (known, unknown)
 
 
 # --- logins -------------------------------------------------------------------------------

@@ -842,6 +842,10 @@ class _StructureParser:
         self.stack.pop()
         if entity.boundary is not None:
             self.boundaries = [(b, o) for b, o in self.boundaries if o is not entity]
+        # An entity opened after its parent's blank line that turned out to be the
+        # boundary's CRLF (an empty message/rfc822 part of a digest) starts past its
+        # end: it is empty, where it ends.
+        entity.start = min(entity.start, end)
         if entity.in_header:                 # the part ended inside its header
             body_start, lines = max(entity.start, end), 0
             self._classify(entity, body_start)
