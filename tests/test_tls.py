@@ -897,3 +897,42 @@ def test_hup_rereads_the_certificate_and_keeps_the_old_one_when_the_new_is_unusa
         assert "Traceback" not in server.stderr()
         wait_for_certificate(server, tls_files, second)   # new workers, old certificate
     assert server.proc.poll() is None
+
+
+def test_hup_can_turn_starttls_on_and_an_smtps_listener_keeps_its_certificate(
+        start_server, tls_files):
+    """A certificate added on HUP: new connections are offered STARTTLS. The keys
+    taken out while an smtps listener needs them: the reload is refused (the
+    listener cannot run without one) and TLS stays on."""
+    plain = start_server(workers=1, config="")
+    sock, _ = plain.connect()
+    assert "STARTTLS" not in ehlo_extensions(sock)
+    quit_(sock)
+    config = Path(plain.args[plain.args.index("-c") + 1])
+    config.write_text(tls_files.config())
+    mark = len(plain.stderr())
+    hup_and_wait(plain, mark)
+    deadline = time.monotonic() + 10     # old workers may take a connection or two
+    while True:
+        sock, _ = plain.connect()
+        if "STARTTLS" in ehlo_extensions(sock):
+            break
+        quit_(sock)
+        assert time.monotonic() < deadline, "no STARTTLS 10 s after HUP"
+        time.sleep(0.1)
+    assert command(sock, b"STARTTLS") == S220_TLS
+    tls = tls_files.client_context().wrap_socket(sock, server_hostname="localhost")
+    deliver(tls, f"alice@{DOMAIN}", msgid())
+    quit_(tls)
+
+    server = start_tls_server(start_server, tls_files)
+    der = peer_der(server, tls_files, "smtps")
+    config = Path(server.args[server.args.index("-c") + 1])
+    config.write_text("")
+    mark = len(server.stderr())
+    server.send_signal(signal.SIGHUP)
+    lines = wait_for_log(server, "SIGHUP: reload failed, keeping the running configuration", mark)
+    complaint = next(line for line in lines if "reload failed" in line)
+    assert "smtps://127.0.0.1:" in complaint and "tls_cert" in complaint, complaint
+    assert peer_der(server, tls_files, "smtps") == der
+    assert peer_der(server, tls_files, "starttls") == der
