@@ -22,6 +22,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,7 @@ class Server:
     args: list[str]
     expect_clean_exit: bool = True   # False once a test crashed it on purpose
     greeting: bytes = b""
+    smtps_port: int | None = None     # an implicit-TLS listener (start_tls_server)
 
     # --- processes --------------------------------------------------------------
 
@@ -508,6 +510,103 @@ def work_dir(tmp_path: Path) -> Iterator[Path]:
         yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- TLS (SPEC §8) -----------------------------------------------------------------------
+
+TLS_NAMES = ("localhost", "127.0.0.1", "mail.example.org")   # what the server cert is for
+
+
+@dataclasses.dataclass
+class TLSFiles:
+    """A test CA (trustme) and a server certificate it issued, as PEM files that the
+    server reads at start as root and again on HUP as `nobody`: 0644 files in a 0755
+    directory."""
+    ca: "trustme.CA"
+    dir: Path
+    cert: Path         # the server certificate, then its chain
+    key: Path
+    ca_file: Path      # for clients that verify (openssl, swaks, Postfix)
+
+    def config(self, extra: str = "") -> str:
+        """TOML text that configures these files (plus `extra`)."""
+        return f'tls_cert = "{self.cert}"\ntls_key = "{self.key}"\n{extra}'
+
+    def issue(self, *names: str) -> bytes:
+        """Replace the files with a new certificate from the same CA (for `names`,
+        default TLS_NAMES); returns its DER form, to compare with a peer's."""
+        leaf = self.ca.issue_cert(*(names or TLS_NAMES))
+        replace_file(self.key, leaf.private_key_pem.bytes())
+        replace_file(self.cert, b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a careful client uses: verify the chain and the name against our CA."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write data to path by rename: a reader sees the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+@pytest.fixture
+def tls_files(work_dir: Path) -> TLSFiles:
+    """A fresh test CA and server certificate (TLS_NAMES) under work_dir/tls."""
+    trustme = pytest.importorskip("trustme")
+    base = work_dir / "tls"
+    base.mkdir(mode=0o755)
+    base.chmod(0o755)
+    ca = trustme.CA()
+    files = TLSFiles(ca, base, base / "cert.pem", base / "key.pem", base / "ca.pem")
+    ca.cert_pem.write_to_path(str(files.ca_file))
+    files.ca_file.chmod(0o644)
+    files.issue()
+    return files
+
+
+def start_tls_server(start_server: "ServerFactory", tls: TLSFiles, *, config: str = "",
+                     smtps: bool = True, **options) -> Server:
+    """A server with a certificate: STARTTLS on its plain port and, with smtps, an
+    implicit-TLS listener on server.smtps_port."""
+    extra = list(options.pop("extra_args", ()))
+    smtps_port = free_port() if smtps else None
+    if smtps_port:
+        extra += ["-l", f"smtps://127.0.0.1:{smtps_port}"]
+    options.setdefault("workers", 1)
+    server = start_server(config=tls.config(config), extra_args=extra, **options)
+    server.smtps_port = smtps_port
+    return server
+
+
+def starttls(sock: socket.socket, context: ssl.SSLContext, helo: str = CLIENT_HELO,
+             server_hostname: str = "localhost") -> ssl.SSLSocket:
+    """EHLO, STARTTLS (offered, 220), then the handshake on the same socket. The
+    greeting must have been read. Returns the TLS socket; the client starts again
+    with EHLO (RFC 3207 §4.2)."""
+    sock.sendall(f"EHLO {helo}\r\n".encode())
+    ehlo = recv_reply(sock)
+    assert b"250-STARTTLS\r\n" in ehlo or b"250 STARTTLS\r\n" in ehlo, ehlo
+    sock.sendall(b"STARTTLS\r\n")
+    assert recv_reply(sock) == b"220 2.0.0 Ready to start TLS\r\n"
+    assert not _UNREAD.get(sock), "bytes after the 220 for STARTTLS"
+    return context.wrap_socket(sock, server_hostname=server_hostname)
+
+
+def connect_smtps(server: Server, context: ssl.SSLContext,
+                  timeout: float = 5.0) -> tuple[ssl.SSLSocket, bytes]:
+    """A connection to the implicit-TLS listener, handshake done, and the greeting."""
+    assert server.smtps_port is not None
+    raw = socket.create_connection((server.host, server.smtps_port), timeout=timeout)
+    try:
+        sock = context.wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
+    return sock, recv_reply(sock, timeout)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ subclass has decided what to do with bytes it already read past the STARTTLS lin
 (they are never executed); from the moment start_tls() is called nothing more is
 read in plain text, whatever the Python version does with its own buffers, because
 reading is paused in the same turn and asyncio's TLS layer takes over the socket.
-A failed handshake is one log line and a closed connection.
+What the TLS layer decrypts before start_tls() has returned (a client's first command
+in the segment that ends its handshake) is kept and given to the new session after it
+has begun. A failed handshake is one log line and a closed connection.
 
 PROXY (SPEC §11): a connection from a `proxy_from` network must start with a PROXY
 header, which is read before anything else and never again. It is read from the
@@ -63,6 +65,7 @@ class StreamSession(asyncio.Protocol):
         self.client_ip = "unknown"
         self.tls: TLSInfo | None = None
         self.handshaking = False
+        self._early_input = bytearray()   # decrypted before the handshake's end was seen
         self._admitted = False
         self._ended = False
         self._closing = False
@@ -192,7 +195,14 @@ class StreamSession(asyncio.Protocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._ended or self.handshaking:
+        if self._ended:
+            return
+        if self.handshaking:
+            # The plain transport was paused in the turn the handshake began, so only
+            # the TLS layer can call us now: with the client's first decrypted input,
+            # when it came with (or right after) its Finished, before start_tls()
+            # has returned. It is the new session's, and it goes there.
+            self._early_input += data
             return
         self._guarded(lambda: self.received(data))
 
@@ -301,6 +311,9 @@ class StreamSession(asyncio.Protocol):
         self.tls = describe(transport.get_extra_info("ssl_object"))
         self.log.debug("TLS with [%s]: %s", self.client_ip, self.tls)
         self._guarded(then)
+        early, self._early_input = bytes(self._early_input), bytearray()
+        if early and not self._ended:
+            self._guarded(lambda: self.received(early))
 
     # --- flow control and deadlines ---------------------------------------------------
 
