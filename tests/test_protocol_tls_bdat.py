@@ -253,3 +253,16 @@ def test_quit_after_chunks_discards_the_message(mode):
 def test_help_names_every_command():
     assert bytes(P.HELP) == b"214 2.0.0 Commands: " + " ".join(P.COMMANDS).encode() + b"\r\n"
     assert {"BDAT", "STARTTLS"} <= set(P.COMMANDS)
+
+
+@pytest.mark.parametrize("ending", [b"RSET\r\n", bdat(b"x" * 30)])
+def test_a_transaction_ended_during_a_graceful_stop_closes_at_once(mode, ending):
+    # The server began stopping mid-transaction; once the session is idle again it
+    # gets its 421 4.3.2 at once, not at its next command or the graceful timeout.
+    client = connect(mode, max_size=20)
+    client.send(EHLO + MAIL + RCPT)
+    client.take(client.conn.shutdown())
+    assert not client.closed
+    replies = client.send(ending)
+    assert replies[-1] == bytes(R.SHUTTING_DOWN) and client.closed
+    assert replies[0].startswith((b"250", b"552"))

@@ -214,14 +214,16 @@ class SMTPConnection:
                 if self.state is State.BDAT:
                     break
                 continue
+            if self._shutting_down and self.state in (State.CONNECTED, State.GREETED):
+                # Idle now (RSET, a refused chunk or a stored message ended the
+                # transaction): the server is stopping, so say goodbye at once.
+                events.extend(self._close_with(R.SHUTTING_DOWN))
+                break
             line_end = self._find_line_end(pos)
             if line_end < 0:
                 if len(self._buf) - pos > MAX_COMMAND_LINE:
                     self._discarding_long_line = True
                     pos = len(self._buf)
-                break
-            if self._shutting_down and self.state in (State.CONNECTED, State.GREETED):
-                events.extend(self._close_with(R.SHUTTING_DOWN))
                 break
             if self.max_commands_per_feed and handled >= self.max_commands_per_feed:
                 break   # the rest waits for feed(b""): other sessions get a turn
