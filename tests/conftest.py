@@ -492,7 +492,9 @@ class ServerFactory:
                                 f"{[p.pid for p in survivors]}")
             log = server.stderr()
             if "Traceback" in log:
-                problems.append(f"port {server.port}: traceback in the log:\n{log[-4000:]}")
+                at = log.find("Traceback")   # show the traceback, not just the log's tail
+                problems.append(f"port {server.port}: traceback in the log:\n"
+                                f"{log[max(0, at - 1500):at + 2500]}")
             if server.expect_clean_exit and code != 0:
                 problems.append(f"port {server.port}: master exited {code}:\n{log[-4000:]}")
         return problems
