@@ -213,8 +213,13 @@ def status(spool_dir: str, name: str, items: Sequence[str]) -> Command:
 
 
 def close(box: SelectedMailbox) -> Command:
-    """RFC 3501 §6.4.2: expunge \\Deleted messages silently (read-write only), unselect."""
+    """RFC 3501 §6.4.2: expunge \\Deleted messages silently (read-write only), unselect.
+    "All messages that have the \\Deleted flag set": also those another session
+    flagged since this one last looked, so the view catches up first (what changed
+    is not reported: CLOSE sends no untagged responses)."""
     if not box.read_only:
+        if box.view.refresh(allow_expunge=False).lost:
+            raise mailstore.MailboxChanged("UIDVALIDITY changed")
         deleted = [info.uid for info in box.view.messages() if "\\Deleted" in info.flags]
         if deleted:
             box.view.expunge(deleted)
