@@ -25,10 +25,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from prefork_smtp.store import mbox
+
 from conftest import DOMAIN, make_message
 from imapwire import Closed, Wire
 from test_hostile import PROBE_IP, TEN_MB, Watch, attack_ip
-from test_imap_faults import holder
+from test_imap_faults import holder, write_large_mbox
 from test_imap_server import PASSWORD, ImapServer, start_imap
 
 PROMPT_S = 1.0
@@ -673,3 +675,37 @@ def test_pipelined_floods_never_read_keep_the_worker_small(imap):
         for wire in wires:
             wire.close()
     watch.check(bad_inputs=commands, connections=len(FLOODS), bytes_pushed=sent)
+
+
+# --- one user's long commands and everyone else ------------------------------------------------
+
+def test_one_users_long_searches_do_not_hold_up_other_users(imap):
+    """Six sessions of one user pipeline SEARCH TEXT over a 5,000-message mailbox (each
+    reads every message): more long commands than the worker has I/O threads. Another
+    user's whole session (the watcher's probe) must still be prompt: a long command
+    takes turns with the others (mailbox_commands.BATCH_SECONDS) instead of holding a
+    thread from start to end."""
+    large = imap.server.scratch / "large.mbox"
+    write_large_mbox(large, 5_000)
+    mbox.append(str(imap.server.spool), "alice", [large.read_bytes()])
+    with Wire("127.0.0.1", imap.imap, timeout=60) as wire:      # index the mailbox first
+        wire.login("alice", PASSWORD)
+        wire.ok("SELECT INBOX")
+        started = time.monotonic()
+        wire.ok("SEARCH TEXT zzzz")
+        one_search = time.monotonic() - started
+    searches = 0
+    with ImapWatch(imap, "imap_long_searches") as watch:
+        hogs = [attacker(imap, n, login=True, select=True, timeout=120) for n in range(6)]
+        try:
+            for hog in hogs:
+                hog.send(b"".join(b"s%d SEARCH TEXT zzzz\r\n" % i for i in range(4)))
+            for hog in hogs:
+                for i in range(4):
+                    assert hog.read_until_tagged(b"s%d" % i)[1].startswith(b"s%d OK" % i)
+                    searches += 1
+        finally:
+            for hog in hogs:
+                hog.close()
+    watch.check(bad_inputs=searches, connections=6, one_search_s=round(one_search, 2),
+                mailbox_messages=5_002)
