@@ -527,7 +527,7 @@ def test_kill_9_around_expunge_under_delivery_loses_and_damages_nothing(start_se
         messages_acknowledged=acknowledged, messages_lost=0, messages_damaged=0,
         duplicates_of_unanswered_smtp=f["duplicates"],
         unanswered_smtp=sum(s.uncertain for s in sender.sent.values()),
-        kill_delay_median_ms=round(statistics.median(latencies) * 1000, 1),
+        expunge_latency_median_ms=round(statistics.median(latencies) * 1000, 1),
         observer_polls=observer.polls, observer_expunges_seen=observer.expunges_seen,
         observer_reopened=observer.reopened,
         phase_seconds={k: round(v, 1) for k, v in phases.items()},
