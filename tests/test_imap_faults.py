@@ -25,7 +25,7 @@ sessions, and (a strict xfail, store/mbox.py) a stale dot-lock broken by deliver
 an expunge at once.
 
 CCSMTP_IMAP_KILLS (default 200) sets the number of kill iterations, CCSMTP_IMAP_KILL_SECONDS
-(default 75) a time after which no new one starts.
+(default 35) a time after which no new one starts.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from test_imap_server import PASSWORD, start_imap
 KILL_ITERATIONS = int(os.environ.get("CCSMTP_IMAP_KILLS", "200"))
 # On a machine shared with other work the iterations slow down: no new one starts after
 # this many seconds (the figures say how many ran).
-KILL_SECONDS = float(os.environ.get("CCSMTP_IMAP_KILL_SECONDS", "75"))
+KILL_SECONDS = float(os.environ.get("CCSMTP_IMAP_KILL_SECONDS", "35"))
 MAILBOX_TARGET = 40          # the sender pauses above this many messages
 MIN_TO_EXPUNGE = 8           # fewer present: this iteration only checks
 UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY (\d+)\]")
