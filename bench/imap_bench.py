@@ -2,6 +2,8 @@
 mailbox, on loopback.
 
     sudo python3 bench/imap_bench.py [--messages 10000] [--idle 100] [--sessions 20]
+                                     [--mbsync-messages 1000] [--rounds 3]
+                                     [--scenarios fetch,idle,rss,mbsync]
 
 Scenarios, each against both servers:
   fetch   SELECT + UID FETCH 1:* (FLAGS ENVELOPE RFC822.SIZE), on a fresh mailbox (first:
@@ -11,7 +13,15 @@ Scenarios, each against both servers:
           locks, as delivery does); time until every session has seen "* n EXISTS"
   rss     M sessions each SELECT + UID FETCH 1:* (FLAGS ENVELOPE RFC822.SIZE) and stay
           open; the largest ccsmtp worker RSS (and Dovecot's largest imap process)
-Needs root (both servers drop to nobody), dovecot-imapd and tests/servers.py.
+  mbsync  (issue 10, scenario c) mbsync (isync) syncs bob's 1,000-message mailbox into an
+          empty Maildir (first: every message fetched), then again with nothing new
+          (second); --rounds times, each into a new Maildir with no sync state; the
+          median of each, and ccsmtp's time over Dovecot's (1.1 s pass before each sync:
+          mbsync itself sleeps 1 s when the Maildir changed within the current second),
+          with "FSync no" (--mbsync-fsync: mbsync's default, an fsync per message file
+          written, which on a slow disk costs more than either server does)
+Needs root (both servers drop to nobody), dovecot-imapd, isync (mbsync) for the mbsync
+scenario, and tests/servers.py.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,15 +119,18 @@ class Client:
 
 # --- the servers -------------------------------------------------------------------------
 
-def start_ccsmtp(root: Path, mbox_file: Path) -> tuple[subprocess.Popen, int, Path]:
+def start_ccsmtp(root: Path, mailboxes: dict[str, Path]) -> tuple[subprocess.Popen, int, dict[str, Path]]:
     import crypt_r
     spool = root / "spool"
     spool.mkdir()
-    shutil.copy(mbox_file, spool / "alice")
     shutil.chown(spool, "nobody")
-    shutil.chown(spool / "alice", "nobody")
     users = root / "users"
-    users.write_text(f"alice:{{SHA512-CRYPT}}{crypt_r.crypt('secret', crypt_r.mksalt(crypt_r.METHOD_SHA512))}\n")
+    with open(users, "w") as f:
+        for user, source in mailboxes.items():
+            shutil.copy(source, spool / user)
+            shutil.chown(spool / user, "nobody")
+            f.write(f"{user}:{{SHA512-CRYPT}}"
+                    f"{crypt_r.crypt('secret', crypt_r.mksalt(crypt_r.METHOD_SHA512))}\n")
     users.chmod(0o644)
     config = root / "ccsmtp.toml"
     config.write_text(f'users_file = "{users}"\nmax_connections_per_client = 1000\n')
@@ -128,26 +142,29 @@ def start_ccsmtp(root: Path, mbox_file: Path) -> tuple[subprocess.Popen, int, Pa
                              "-u", "nobody"], stdout=subprocess.DEVNULL,
                             stderr=open(root / "ccsmtp.log", "wb"), start_new_session=True)
     servers.wait_until(lambda: servers.read_greeting("127.0.0.1", imap), proc, "ccsmtp IMAP")
-    return proc, imap, spool / "alice"
+    return proc, imap, {user: spool / user for user in mailboxes}
 
 
-def start_dovecot(mbox_file: Path):
+def start_dovecot(mailboxes: dict[str, Path]):
     original = servers.dovecot_config
     servers.dovecot_config = lambda *a: original(*a).replace(
         "mail_location = maildir:~/Maildir", "mail_location = mbox:~/mail:INBOX=~/inbox"
     ) + "protocol imap {\n  mail_max_userip_connections = 1000\n}\n" + \
         "service imap-login {\n  process_limit = 1000\n}\n"
     try:
-        dovecot = servers.start_dovecot(users=("alice",), imap=True)
+        dovecot = servers.start_dovecot(users=tuple(mailboxes), imap=True)
     finally:
         servers.dovecot_config = original
-    home = dovecot.home("alice")
-    (home / "mail").mkdir(parents=True)
-    (home / ".ccsmtp").mkdir()        # mbox.append's dot-lock scratch file goes here
-    shutil.copy(mbox_file, home / "inbox")
-    for path in (home, home / "mail", home / "inbox"):
-        shutil.chown(path, "nobody", "nogroup")
-    return dovecot, dovecot.imap_port, home / "inbox"
+    inboxes = {}
+    for user, source in mailboxes.items():
+        home = dovecot.home(user)
+        (home / "mail").mkdir(parents=True)
+        (home / ".ccsmtp").mkdir()        # mbox.append's dot-lock scratch file goes here
+        shutil.copy(source, home / "inbox")
+        for path in (home, home / "mail", home / "inbox"):
+            shutil.chown(path, "nobody", "nogroup")
+        inboxes[user] = home / "inbox"
+    return dovecot, dovecot.imap_port, inboxes
 
 
 # --- scenarios --------------------------------------------------------------------------
@@ -215,18 +232,99 @@ def rss_peak(port: int, password: str, sessions: int, pids) -> float:
     return peak / 2**20
 
 
+MBSYNC_RC = """\
+FSync {fsync}
+
+IMAPAccount bench
+Host 127.0.0.1
+Port {port}
+User {user}
+Pass {password}
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore remote
+Account bench
+
+MaildirStore local
+Path {maildir}/
+Inbox {maildir}/INBOX
+
+Channel inbox
+Far :remote:INBOX
+Near :local:INBOX
+Create Near
+Sync All
+Expunge None
+SyncState {state}/
+"""
+
+
+def mbsync_once(root: Path, name: str, port: int, user: str, password: str,
+                expected: int, fsync: bool) -> tuple[float, float]:
+    """A full sync into an empty Maildir and the no-change sync after it, in seconds."""
+    work = Path(tempfile.mkdtemp(prefix=f"mbsync-{name}-", dir=root))
+    maildir, state = work / "maildir", work / "state"
+    maildir.mkdir()
+    state.mkdir()
+    rc = work / "mbsyncrc"
+    rc.write_text(MBSYNC_RC.format(port=port, user=user, password=password, maildir=maildir,
+                                   state=state, fsync="yes" if fsync else "no"))
+    times = []
+    for _ in range(2):
+        # mbsync sleeps 1 s before a sync that follows one whose Maildir changes are still
+        # in the current second (strace: clock_nanosleep of 1 s): wait that out here, so
+        # that the client's own pause is not timed.
+        time.sleep(1.1)
+        start = time.perf_counter()
+        done = subprocess.run(["mbsync", "-c", str(rc), "-q", "inbox"], capture_output=True,
+                              text=True, timeout=600)
+        times.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise RuntimeError(f"mbsync against {name} failed: {done.stdout}{done.stderr}")
+    got = sum(1 for sub in ("new", "cur") for _ in (maildir / "INBOX" / sub).iterdir())
+    if got != expected:
+        raise RuntimeError(f"mbsync against {name}: {got} messages in the Maildir, "
+                           f"expected {expected}")
+    shutil.rmtree(work)
+    return times[0], times[1]
+
+
+def mbsync_rounds(root: Path, targets: list[tuple[str, int, str]], user: str, expected: int,
+                  rounds: int, fsync: bool) -> dict[str, tuple[list[float], list[float]]]:
+    """Each round syncs from every server, the order rotating from round to round."""
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, _, _ in targets}
+    for n in range(rounds):
+        for name, port, password in targets[n % len(targets):] + targets[:n % len(targets)]:
+            first, second = mbsync_once(root, name, port, user, password, expected, fsync)
+            out[name][0].append(first)
+            out[name][1].append(second)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--idle", type=int, default=100)
     ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--mbsync-messages", type=int, default=1_000)
+    ap.add_argument("--rounds", type=int, default=3, help="mbsync rounds (medians are shown)")
+    ap.add_argument("--scenarios", default="fetch,idle,rss,mbsync")
+    ap.add_argument("--mbsync-fsync", action="store_true",
+                    help="let mbsync fsync each message it writes (its default)")
     args = ap.parse_args()
+    scenarios = set(args.scenarios.split(","))
+    if "mbsync" in scenarios and shutil.which("mbsync") is None:
+        sys.exit("mbsync is not installed (Debian: isync); leave it out with --scenarios")
     root = Path(tempfile.mkdtemp(prefix="imap-bench-"))
     root.chmod(0o755)
     source = root / "source.mbox"
     make_mbox(source, args.messages)
-    proc, port, cc_mailbox = start_ccsmtp(root, source)
-    dovecot, dport, dv_mailbox = start_dovecot(source)
+    small = root / "small.mbox"
+    make_mbox(small, args.mbsync_messages)
+    mailboxes = {"alice": source, "bob": small}
+    proc, port, cc_boxes = start_ccsmtp(root, mailboxes)
+    dovecot, dport, dv_boxes = start_dovecot(mailboxes)
     dpass = servers.DOVECOT_PASSWORD
 
     def cc_workers():
@@ -238,19 +336,38 @@ def main() -> None:
 
     try:
         print(f"{args.messages} messages, {source.stat().st_size / 2**20:.1f} MB")
-        for name, p, pw in (("ccsmtp", port, "secret"), ("dovecot", dport, dpass)):
-            rounds = fetch_rounds(p, pw)
-            print(f"fetch  {name:8s} first {rounds[0]:.3f}s second {rounds[1]:.3f}s "
-                  f"third {rounds[2]:.3f}s")
-        for name, p, pw, box in (("ccsmtp", port, "secret", cc_mailbox),
-                                 ("dovecot", dport, dpass, dv_mailbox)):
-            median, last = idle_latency(p, pw, box, args.idle)
-            print(f"idle   {name:8s} {args.idle} sessions: median {median * 1000:.0f} ms, "
-                  f"last {last * 1000:.0f} ms")
-        for name, p, pw, pids in (("ccsmtp", port, "secret", cc_workers),
-                                  ("dovecot", dport, dpass, dv_imaps)):
-            print(f"rss    {name:8s} {args.sessions} sessions: largest process "
-                  f"{rss_peak(p, pw, args.sessions, pids):.1f} MB")
+        if "fetch" in scenarios:
+            for name, p, pw in (("ccsmtp", port, "secret"), ("dovecot", dport, dpass)):
+                rounds = fetch_rounds(p, pw)
+                print(f"fetch  {name:8s} first {rounds[0]:.3f}s second {rounds[1]:.3f}s "
+                      f"third {rounds[2]:.3f}s")
+        if "idle" in scenarios:
+            for name, p, pw, box in (("ccsmtp", port, "secret", cc_boxes["alice"]),
+                                     ("dovecot", dport, dpass, dv_boxes["alice"])):
+                median, last = idle_latency(p, pw, box, args.idle)
+                print(f"idle   {name:8s} {args.idle} sessions: median {median * 1000:.0f} ms, "
+                      f"last {last * 1000:.0f} ms")
+        if "rss" in scenarios:
+            for name, p, pw, pids in (("ccsmtp", port, "secret", cc_workers),
+                                      ("dovecot", dport, dpass, dv_imaps)):
+                print(f"rss    {name:8s} {args.sessions} sessions: largest process "
+                      f"{rss_peak(p, pw, args.sessions, pids):.1f} MB")
+        if "mbsync" in scenarios:
+            print(f"mbsync {args.mbsync_messages} messages "
+                  f"({small.stat().st_size / 2**20:.1f} MB), {args.rounds} rounds, "
+                  f"FSync {'yes' if args.mbsync_fsync else 'no'}:")
+            medians = {}
+            results = mbsync_rounds(root, [("ccsmtp", port, "secret"), ("dovecot", dport, dpass)],
+                                    "bob", args.mbsync_messages, args.rounds, args.mbsync_fsync)
+            for name, (first, second) in results.items():
+                medians[name] = (statistics.median(first), statistics.median(second))
+                print(f"mbsync {name:8s} full sync {medians[name][0]:.3f}s "
+                      f"(rounds {', '.join(f'{t:.3f}' for t in first)}); "
+                      f"nothing new {medians[name][1]:.3f}s "
+                      f"(rounds {', '.join(f'{t:.3f}' for t in second)})")
+            (cf, cs), (df, ds) = medians["ccsmtp"], medians["dovecot"]
+            print(f"mbsync ccsmtp/dovecot: full sync {cf / df:.2f}x the time, "
+                  f"nothing new {cs / ds:.2f}x the time")
     finally:
         proc.terminate()
         proc.wait(30)

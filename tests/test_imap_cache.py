@@ -142,8 +142,9 @@ def test_a_large_body_is_streamed_in_batches(tmp_path, monkeypatch):
     c = command(b"a FETCH 2 (UID BODY[])")
     job = M.Job(M.fetch(outcome.selected, c.args, c.uid))
     batches = []
-    while chunk := job.next_batch():
-        batches.append(chunk)
+    while job.outcome is None:
+        if chunk := job.next_batch():
+            batches.append(chunk)
     assert job.outcome.status == "OK" and len(batches) > 2
     out = b"".join(batches)
     head, _, rest = out.partition(b"\r\n")

@@ -413,6 +413,17 @@ def test_expunge_uid_expunge_and_close(spool):
     assert "* 1 EXISTS" in d.feed(b"h SELECT INBOX\r\n")
 
 
+def test_close_removes_what_another_session_flagged_deleted_meanwhile(spool):
+    """RFC 3501 §6.4.2: CLOSE removes every message that has \\Deleted set, also one
+    another session flagged after this one last looked (as Dovecot does)."""
+    a, b = Driver(spool), Driver(spool)
+    a.select()
+    b.select()
+    b.feed(b"x STORE 2 +FLAGS.SILENT (\\Deleted)\r\n")
+    assert lines(a.feed(b"c CLOSE\r\n")) == ["c OK CLOSE completed"]
+    assert lines(b.feed(b"y NOOP\r\n")) == ["* 2 EXPUNGE", "y OK NOOP completed"]
+
+
 # --- other sessions' changes ------------------------------------------------------------
 
 def test_other_sessions_flags_and_expunges_are_reported_on_noop_not_during_fetch(spool):

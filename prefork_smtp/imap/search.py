@@ -24,7 +24,7 @@ Semantics:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from . import parser as P
 from . import response as R
@@ -59,11 +59,17 @@ Matcher = Callable[[MailItem, _Context], bool]
 def search(program: P.Search, items: Sequence[MailItem]) -> list[MailItem]:
     """The items that match, in the order given. `items` must be the whole mailbox (in
     sequence order): "*" is its largest sequence number and UID. Raises BadCharset."""
+    return [item for item, matched in evaluate(program, items) if matched]
+
+
+def evaluate(program: P.Search, items: Sequence[MailItem]) -> Iterator[tuple[MailItem, bool]]:
+    """search() one message at a time: (item, whether it matches), in order, so that
+    the caller can pause between messages. BadCharset is raised before the first."""
     match = compile_program(program)
     if not items:
-        return []
+        return iter(())
     ctx = _Context(max_seq=max(i.seq for i in items), max_uid=max(i.uid for i in items))
-    return [item for item in items if match(item, ctx)]
+    return ((item, match(item, ctx)) for item in items)
 
 
 def compile_program(program: P.Search) -> Matcher:

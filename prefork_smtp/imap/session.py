@@ -210,7 +210,8 @@ class IMAPSession(StreamSession):
 
     async def _mailbox_work(self, work: MailboxWork) -> Outcome:
         """Run the command in I/O threads a batch at a time, writing each batch and
-        waiting until the client has read it before asking for the next."""
+        waiting until the client has read it before asking for the next (a batch
+        without output is a time slice: the command then queues for its next turn)."""
         job = mailbox_commands.job_for(work, self.config.spool_dir)
         try:
             while True:
@@ -218,8 +219,8 @@ class IMAPSession(StreamSession):
                 if chunk:
                     self.write(chunk)
                     await self._writable.wait()
-                    if not self.is_open:
-                        return Outcome(R.NO, "gone", fatal=True)
+                if not self.is_open:
+                    return Outcome(R.NO, "gone", fatal=True)
                 if job.outcome is not None:
                     return job.outcome
         finally:
