@@ -489,6 +489,24 @@ def test_one_session_per_mailbox_in_use_at_once_from_either_worker(start_server,
     assert pop3_count(pop3) == 1              # free again
 
 
+def test_the_mailbox_is_free_as_soon_as_quit_is_answered(start_server, work_dir):
+    """A client that QUITs and logs in again at once (fetchmail polling, a probe) gets
+    its mailbox, even while its old connection is still open on its side."""
+    pop3 = start_pop3(start_server, work_dir, scheme="SHA512-CRYPT")
+    deliver(pop3, ["one\r\n", "two\r\n"])
+    for deleting in (False, True):
+        first = pop3.wire()
+        assert first.login("alice", "secret") == b"+OK Logged in.\r\n"
+        if deleting:
+            assert first.cmd("DELE 1").startswith(b"+OK")
+        assert first.cmd("QUIT") == b"+OK Bye\r\n"
+        with pop3.wire() as second:       # first is not closed yet
+            assert second.login("alice", "secret") == b"+OK Logged in.\r\n"
+            assert second.cmd("STAT").startswith(b"+OK 1 " if deleting else b"+OK 2 ")
+            second.cmd("QUIT")
+        first.close()
+
+
 def test_an_open_session_does_not_delay_delivery(start_server, work_dir):
     pop3 = start_pop3(start_server, work_dir)
     deliver(pop3, [big_body(2_000_000)])

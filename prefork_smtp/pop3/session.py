@@ -119,14 +119,17 @@ class POP3Session(StreamSession):
         self.close_now()
 
     def ended(self, exc: Exception | None) -> None:
-        if self.maildrop is not None:
-            self.maildrop.close()    # releases the mailbox's POP3 lock; deletes nothing
-            self.maildrop = None
+        self._release_maildrop()
         if self.conn is not None:
             log.info("disconnect from [%s] user=%s retrieved=%d%s", self.client_ip,
                      self.conn.user or "-", self._retrieved,
                      f" tls={self.tls.version}" if self.tls else "")
             self.conn = None
+
+    def _release_maildrop(self) -> None:
+        if self.maildrop is not None:
+            self.maildrop.close()    # releases the mailbox's POP3 lock; deletes nothing
+            self.maildrop = None
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -160,6 +163,15 @@ class POP3Session(StreamSession):
             if isinstance(event, SendReply):
                 out.append(event.data)
                 continue
+            if isinstance(event, CloseConnection):
+                self._pending.clear()
+                # Free the mailbox before the last reply goes out, not when the client
+                # gets round to closing (up to CLOSE_LINGER_S later): a client that
+                # QUITs and logs in again at once must not find its own session there.
+                self._release_maildrop()
+                self._flush(out)
+                self.close_after_reply()
+                continue
             self._flush(out)
             if isinstance(event, CheckLogin):
                 self._work(self._check_login(event), self._login_checked)
@@ -173,9 +185,6 @@ class POP3Session(StreamSession):
                     self.conn.committed() if ok else self.conn.commit_failed()))
             elif isinstance(event, StartTLS):
                 self._start_tls()
-            elif isinstance(event, CloseConnection):
-                self._pending.clear()
-                self.close_after_reply()
         self._flush(out)
         self.update_reading()
 
