@@ -151,6 +151,45 @@ def test_poplib_plain_stls_and_pop3s_see_every_message_byte_for_byte(start_serve
     assert stored(pop3) and len(stored(pop3)) == 5     # nothing deleted
 
 
+def test_retr_in_order_out_of_order_and_pipelined_is_byte_for_byte(start_server, work_dir):
+    """The session reads small messages whole, with the next ones when the client goes
+    in order (maildrop.READ_AHEAD_BYTES), and streams large ones: every order and
+    pipelining gives each message exactly, also around the sizes where that changes."""
+    from prefork_smtp.pop3.maildrop import READ_AHEAD_BYTES
+    pop3 = start_pop3(start_server, work_dir, scheme="SHA512-CRYPT")
+    sizes = [10, 5_000, READ_AHEAD_BYTES - 1_500, READ_AHEAD_BYTES + 300, 40_000, 0, 300_000,
+             20_000, 70_000, 1_000] + [3_000] * 30
+    write_mailbox(pop3.spool / "alice", len(sizes),
+                  lambda n: b"Subject: %d\r\n\r\n" % n + big_body(sizes[n]).encode())
+    want = expected(pop3)
+    assert len(want[3]) > READ_AHEAD_BYTES > len(want[2])
+    orders = [list(range(1, len(want) + 1)), list(range(len(want), 0, -1)),
+              [1, 3, 2, 4, 5, 7, 6, 8, 10, 9] + list(range(11, len(want) + 1, 2))]
+    for order in orders:
+        with pop3.wire() as wire:
+            wire.login("alice", "secret")
+            for n in order:
+                assert unstuff(wire.retr(n)[1]) == want[n - 1], (order[:3], n)
+            wire.cmd("QUIT")
+    # Pipelined, read only once all are asked for (the server's writes block meanwhile);
+    # a DELE and a TOP in between.
+    with pop3.wire() as wire:
+        wire.login("alice", "secret")
+        wire.send(b"".join(b"RETR %d\r\n" % n for n in range(1, len(want) + 1))
+                  + b"DELE 5\r\nTOP 6 0\r\nRETR 6\r\nRETR 5\r\n")
+        time.sleep(0.5)
+        for n, message in enumerate(want, 1):
+            assert wire.line() == f"+OK {len(message)} octets\r\n".encode()
+            assert unstuff(wire.multi()[:-3]) == message, n
+        assert wire.line() == b"+OK Message 5 deleted.\r\n"
+        assert wire.line() == b"+OK\r\n" and wire.multi()
+        assert wire.line().startswith(b"+OK") and unstuff(wire.multi()[:-3]) == want[5]
+        assert wire.line() == b"-ERR No such message.\r\n"
+        wire.cmd("RSET")
+        wire.cmd("QUIT")
+    assert len(stored(pop3)) == len(want)
+
+
 def test_state_headers_written_by_other_programs_are_never_shown(start_server, work_dir):
     """Dovecot and mutt write Status, X-Status, X-UID, X-Keywords, X-IMAPbase and
     Content-Length into stored messages (delivery strips incoming ones): POP3 counts and

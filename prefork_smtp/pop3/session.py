@@ -22,7 +22,7 @@ from ..net.session import StreamSession, is_loopback
 from ..service import WorkerContext
 from . import replies as R
 from .dot_stuffing import DotStuffer
-from .maildrop import Maildrop, MaildropInUse
+from .maildrop import READ_AHEAD_BYTES, Maildrop, MaildropInUse
 from .protocol import (CheckLogin, CloseConnection, Commit, Event, OpenMaildrop,
                        POP3Connection, SendMessage, SendReply, StartTLS)
 
@@ -52,6 +52,9 @@ class POP3Session(StreamSession):
         self._writable.set()
         self._retrieved = 0
         self._after_handshake: list[bytes] = []
+        # Messages read with an earlier RETR, not yet asked for (READ_AHEAD_BYTES).
+        self._read_ahead: dict[int, bytes] = {}
+        self._last_retrieved = 0
 
     # --- StreamSession ------------------------------------------------------------------
 
@@ -127,6 +130,7 @@ class POP3Session(StreamSession):
             self.conn = None
 
     def _release_maildrop(self) -> None:
+        self._read_ahead = {}
         if self.maildrop is not None:
             self.maildrop.close()    # releases the mailbox's POP3 lock; deletes nothing
             self.maildrop = None
@@ -162,6 +166,8 @@ class POP3Session(StreamSession):
             event = self._pending.popleft()
             if isinstance(event, SendReply):
                 out.append(event.data)
+                continue
+            if isinstance(event, SendMessage) and self._send_read_ahead(event, out):
                 continue
             if isinstance(event, CloseConnection):
                 self._pending.clear()
@@ -252,17 +258,58 @@ class POP3Session(StreamSession):
                  len(result.messages))
         self._answer(self.conn.maildrop_opened(result.messages))
 
+    def _send_read_ahead(self, event: SendMessage, out: list[bytes]) -> bool:
+        """RETR of a message read ahead, while the client keeps up: sent with its +OK
+        in one write, on the loop (no task, no thread); False if it is not at hand."""
+        if event.body_lines is not None or self._write_blocked:
+            return False
+        content = self._read_ahead.pop(event.number, None)
+        if content is None:
+            return False
+        out.append(_stuffed(content))
+        self._retrieved += 1
+        self._last_retrieved = event.number
+        assert self.conn is not None
+        self._pending.extend(self.conn.message_sent())
+        return True
+
     async def _send(self, event: SendMessage) -> bool:
-        """Stream one message, dot-stuffed; False if it could not be read (the
-        protocol then closes: nothing can be said inside a multi-line response)."""
+        """Send one message, dot-stuffed: read whole (with those after it when the
+        client retrieves in order), or streamed if large; False if it could not be
+        read (the protocol then closes: nothing can be said inside a multi-line
+        response)."""
+        assert self.maildrop is not None
+        number = event.number
+        if event.body_lines is None and self.maildrop.size(number) <= READ_AHEAD_BYTES:
+            content = self._read_ahead.pop(number, None)
+            if content is None:
+                in_order = number == self._last_retrieved + 1
+                budget = READ_AHEAD_BYTES if in_order else self.maildrop.size(number)
+                try:
+                    run = await self.service.in_thread(self.maildrop.read_whole, number, budget)
+                except OSError as e:
+                    log.error("cannot read message %d of %s for [%s]: %s", number,
+                              self.maildrop.name, self.client_ip, e)
+                    return False
+                content = run.pop(number)
+                self._read_ahead = run
+            self.write(_stuffed(content))
+            await self._writable.wait()
+            self._retrieved += 1
+            self._last_retrieved = number
+            return self.is_open
+        return await self._stream(event)
+
+    async def _stream(self, event: SendMessage) -> bool:
+        """A large message (or TOP) in batches: a thread hop per BATCH_BYTES, the next
+        one only once the client has read what was sent (back-pressure)."""
         assert self.maildrop is not None
         stuffer = DotStuffer()
         reader = self.maildrop.reader(event.number, event.body_lines)
         try:
-            while True:
-                pieces = await self.service.in_thread(reader.next_pieces)
-                if not pieces:
-                    break
+            done = False
+            while not done:
+                pieces, done = await self.service.in_thread(reader.next_pieces)
                 self.write(b"".join(stuffer.stuff(piece) for piece in pieces))
                 await self._writable.wait()      # the client reads what we sent so far
                 if not self.is_open:
@@ -276,6 +323,7 @@ class POP3Session(StreamSession):
         self.write(stuffer.finish())
         if event.body_lines is None:
             self._retrieved += 1
+            self._last_retrieved = event.number
         return True
 
     async def _commit(self, deleted: tuple[int, ...]) -> bool:
@@ -309,3 +357,9 @@ class POP3Session(StreamSession):
 
     def _arm_deadline(self) -> None:
         self.set_deadline(self.config.pop3_timeout_s)
+
+
+def _stuffed(content: bytes) -> bytes:
+    """A whole message as RETR sends it: dot-stuffed, then the terminating line."""
+    stuffer = DotStuffer()
+    return stuffer.stuff(content) + stuffer.finish()
