@@ -19,25 +19,21 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import mailbox
 import os
 import poplib
 import re
 import shutil
 import socket
-import ssl
 import struct
 import subprocess
-import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from conftest import DOMAIN, IS_ROOT, RUN_AS, make_message
 from pop3_support import (BioTLS, Pop3Server, Wire, message_ids, run_quietly, server_user,
-                          split_mbox, start_pop3, stored_copy, unstuff, visible, write_mailbox)
+                          split_mbox, start_pop3, unstuff, visible, write_mailbox)
 
 TRICKY_BODIES = [
     # Dot-stuffing: lines that start with dots, a lone dot, dots at the very end.
@@ -58,7 +54,6 @@ def deliver(pop3: Pop3Server, bodies: list[str], to: str = "alice") -> list[str]
         message_id = f"<{uuid.uuid4().hex}@test>"
         pop3.smtp.send([f"{to}@{DOMAIN}"], make_message(message_id, "pop3 test", body))
         ids.append(message_id)
-    before = pop3.smtp.count(to)
     pop3.smtp.wait_for_text(to, ids[-1].encode())
     return ids
 
@@ -133,8 +128,8 @@ def test_poplib_plain_stls_and_pop3s_see_every_message_byte_for_byte(start_serve
                 # poplib unstuffs; `octets` counts what it read, stuffed dots included.
                 assert b"".join(line + b"\r\n" for line in lines) == message, (tls, n)
             _, top, _ = client.top(1, 1)
-            header = want[0].split(b"\r\n\r\n", 1)[0]
-            assert b"\r\n".join(top) == header + b"\r\n\r\n" + want[0].split(b"\r\n\r\n", 1)[1].split(b"\r\n")[0]
+            header, body = want[0].split(b"\r\n\r\n", 1)
+            assert b"\r\n".join(top) == header + b"\r\n\r\n" + body.split(b"\r\n")[0]
         finally:
             client.quit()
     # On the wire: stuffing, octets and the terminator exactly, also after STLS.
@@ -620,8 +615,8 @@ def test_mutt_with_the_mailbox_open_while_pop3_deletes(start_server, work_dir):
     pop3 = start_pop3(start_server, work_dir)
     subjects = [f"shared {n} {uuid.uuid4().hex[:6]}" for n in range(6)]
     for subject in subjects:
-        pop3.smtp.send([f"alice@{DOMAIN}"], make_message(f"<{uuid.uuid4().hex}@t>", subject,
-                                                         f"body of {subject}\r\n.dot\r\nFrom x\r\n"))
+        body = f"body of {subject}\r\n.dot\r\nFrom x\r\n"
+        pop3.smtp.send([f"alice@{DOMAIN}"], make_message(f"<{uuid.uuid4().hex}@t>", subject, body))
     pop3.smtp.wait_for_messages("alice", 6)
     originals = {message_ids(m)[0]: visible(m) for m in stored(pop3)}
     uidls = uidl_map(pop3)

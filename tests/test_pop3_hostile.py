@@ -419,7 +419,8 @@ def test_1000_failing_logins_from_one_address_are_delayed_across_workers(start_s
     figures = dict(
         failed_logins=len(flooded) + len(staggered),
         staggered=[(pid, round(d, 2)) for pid, d, _ in staggered],
-        flood_delay_min_s=round(delays[0], 2), flood_delay_median_s=round(statistics.median(delays), 2),
+        flood_delay_min_s=round(delays[0], 2),
+        flood_delay_median_s=round(statistics.median(delays), 2),
         flood_delay_max_s=round(delays[-1], 2), good_logins=len(good),
         good_login_median_ms=round(1000 * statistics.median(good), 1),
         good_login_p90_ms=round(1000 * sorted(good)[int(0.9 * len(good))], 1),
@@ -509,7 +510,8 @@ def check_replies(data: bytes) -> None:
     tail = lines.pop()
     assert tail == b"", f"a reply cut short: {tail[:100]!r}"
     i = 0
-    multi = re.compile(rb"\+OK( Capability list follows| \d+ messages \(\d+ octets\)| \d+ octets)?$")
+    multi = re.compile(rb"\+OK( Capability list follows| \d+ messages \(\d+ octets\)"
+                       rb"| \d+ octets)?$")
     while i < len(lines):
         line = lines[i]
         assert line.startswith((b"+OK", b"-ERR", b"+ ")), line
@@ -519,7 +521,8 @@ def check_replies(data: bytes) -> None:
             while lines[i] != b".":
                 i += 1
             i += 1
-        elif line == b"+OK" and i < len(lines) and not lines[i].startswith((b"+OK", b"-ERR", b"+ ")):
+        elif line == b"+OK" and i < len(lines) and \
+                not lines[i].startswith((b"+OK", b"-ERR", b"+ ")):
             # UIDL, TOP, bare AUTH: an empty +OK text, then a body
             while i < len(lines) and lines[i] != b".":
                 i += 1
