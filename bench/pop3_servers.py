@@ -266,11 +266,13 @@ service anvil {{
         self._spawn([binary, "-F", "-c", str(config)])
 
     def workers(self) -> list[psutil.Process]:
+        """The pop3 processes (one per session) and auth (where passwords are hashed:
+        what a ccsmtp worker does in its threads). Titles are INSTANCE/NAME."""
         out = []
         for proc in self.tree():
             with contextlib.suppress(psutil.Error):
                 title = " ".join(proc.cmdline())
-                if title.startswith(("dovecot/pop3", "dovecot/auth")) or "pop3" in proc.name():
+                if title.rsplit("/", 1)[-1].split(" ")[0] in ("pop3", "auth", "auth-worker"):
                     out.append(proc)
         return out
 
