@@ -12,6 +12,8 @@ rounds, and each ratio is the median of the per-round ratios (same round, same
 machine load). A warm-up round first builds both servers' indexes (ccsmtp's first
 login of a mailbox scans it; so does Dovecot's) and checks that both send the same
 bytes: LIST sizes and every RETR of A's mailbox, compared with each other.
+CPU: user+system time of each server's process tree (with reaped children) per message
+retrieved, logins included: steadier than throughput on a shared machine.
 Peak RSS: sampled every 50 ms over each server's processes during the measured
 rounds: ccsmtp's workers, Dovecot's pop3 (one per session) and auth processes.
 
@@ -186,6 +188,27 @@ async def scenario_b(port: int, users: list[str], concurrency: int, pipeline: in
                 session_p50_ms=1000 * statistics.median(latencies))
 
 
+def tree_cpu(target: Pop3Target) -> float:
+    """User+system CPU seconds of the server's processes, with the children they
+    reaped (Dovecot's per-session pop3 processes)."""
+    total = 0.0
+    for proc in target.tree():
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def with_cpu(target: Pop3Target, scenario) -> dict:
+    """Run a scenario; add the server's CPU per message retrieved (it does not depend
+    on how busy the rest of the machine is, as throughput does)."""
+    before = tree_cpu(target)
+    result = asyncio.run(scenario())
+    time.sleep(0.3)      # Dovecot's master reaps the last pop3 processes
+    result["cpu_us_per_msg"] = (tree_cpu(target) - before) / result["messages"] * 1e6
+    return result
+
+
 # --- RSS ---------------------------------------------------------------------------------
 
 class RssPeaks:
@@ -294,12 +317,14 @@ def run(args: argparse.Namespace) -> dict:
                 order = targets if r % 2 == 0 else targets[::-1]
                 result: dict[str, dict] = {}
                 for target in order:
-                    a = asyncio.run(scenario_a(target.port, big, args.pipeline))
-                    b = asyncio.run(scenario_b(target.port, small, args.concurrency, args.pipeline))
+                    a = with_cpu(target, lambda: scenario_a(target.port, big, args.pipeline))
+                    b = with_cpu(target, lambda: scenario_b(target.port, small, args.concurrency,
+                                                            args.pipeline))
                     result[target.name] = {"A": a, "B": b}
                     print(f"round {r + 1} {target.name:8} A {a['msgs_per_s']:8.0f} msg/s "
-                          f"{a['mb_per_s']:6.1f} MB/s | B {b['sessions_per_s']:6.1f} sess/s "
-                          f"{b['msgs_per_s']:7.0f} msg/s", flush=True)
+                          f"{a['mb_per_s']:6.1f} MB/s {a['cpu_us_per_msg']:5.0f} us CPU/msg | "
+                          f"B {b['sessions_per_s']:6.1f} sess/s {b['msgs_per_s']:7.0f} msg/s "
+                          f"{b['cpu_us_per_msg']:5.0f} us CPU/msg", flush=True)
                 rounds.append(result)
         unchanged = fingerprint(spool) == before
         print(f"mbox files unchanged by both servers: {'yes' if unchanged else 'NO'}")
@@ -328,6 +353,8 @@ def summarize(rounds: list[dict[str, dict]], peaks: dict[str, int], same: str,
             "B_sessions_per_s": med([r[name]["B"]["sessions_per_s"] for r in rounds]),
             "B_msgs_per_s": med([r[name]["B"]["msgs_per_s"] for r in rounds]),
             "B_session_p50_ms": med([r[name]["B"]["session_p50_ms"] for r in rounds]),
+            "A_cpu_us_per_msg": med([r[name]["A"]["cpu_us_per_msg"] for r in rounds]),
+            "B_cpu_us_per_msg": med([r[name]["B"]["cpu_us_per_msg"] for r in rounds]),
             "peak_rss_mb": peaks[name] / 2**20,
         }
     ratios = {}
@@ -337,16 +364,23 @@ def summarize(rounds: list[dict[str, dict]], peaks: dict[str, int], same: str,
                                      ("B_msgs", "B", "msgs_per_s")):
             ratios[key] = med([r["ccsmtp"][scenario][field] / r["dovecot"][scenario][field]
                                for r in rounds])
+        for scenario in ("A", "B"):      # above 1: ccsmtp spends less CPU per message
+            ratios[f"{scenario}_cpu_efficiency"] = med(
+                [r["dovecot"][scenario]["cpu_us_per_msg"] / r["ccsmtp"][scenario]["cpu_us_per_msg"]
+                 for r in rounds])
     print()
     print(f"POP3, {args.rounds} rounds (medians); A: 1 session, {args.messages} msgs; "
           f"B: {args.users} sessions x {args.per_user} msgs, {args.concurrency} at a time; "
           f"pipeline {args.pipeline}; users {args.scheme}")
-    print(f"{'server':10} {'A msg/s':>9} {'A MB/s':>7} {'A s':>6} {'B sess/s':>9} "
-          f"{'B msg/s':>8} {'B p50 ms':>9} {'peak RSS MB':>12}")
+    print(f"{'server':10} {'A msg/s':>9} {'A MB/s':>7} {'A us/msg':>9} {'B sess/s':>9} "
+          f"{'B msg/s':>8} {'B p50 ms':>9} {'B us/msg':>9} {'peak RSS MB':>12}")
     for name, row in table.items():
         print(f"{name:10} {row['A_msgs_per_s']:9.0f} {row['A_mb_per_s']:7.1f} "
-              f"{row['A_seconds']:6.2f} {row['B_sessions_per_s']:9.1f} {row['B_msgs_per_s']:8.0f} "
-              f"{row['B_session_p50_ms']:9.0f} {row['peak_rss_mb']:12.1f}")
+              f"{row['A_cpu_us_per_msg']:9.0f} {row['B_sessions_per_s']:9.1f} "
+              f"{row['B_msgs_per_s']:8.0f} {row['B_session_p50_ms']:9.0f} "
+              f"{row['B_cpu_us_per_msg']:9.0f} {row['peak_rss_mb']:12.1f}")
+    print("us/msg: the server's CPU (user+system, its whole process tree) per message "
+          "retrieved, logins included")
     if ratios:
         print("ccsmtp / dovecot (median of per-round ratios): "
               + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
