@@ -239,6 +239,39 @@ def test_a_command_sent_with_the_tls_finished_message_is_answered(start_server, 
         assert tls.read_until(b"Bye\r\n") == b"+OK\r\n+OK Logged in.\r\n+OK 0 0\r\n+OK Bye\r\n"
 
 
+def test_passwords_only_over_tls_off_loopback(start_server, work_dir):
+    """SPEC §9 for a client that is not on loopback (here behind PROXY from
+    127.0.0.77, as 192.0.2.10): no USER or SASL in CAPA, USER/PASS and AUTH PLAIN
+    refused with [AUTH] before any password is checked; after STLS, both work."""
+    from servers import proxy_v1
+    pop3 = start_pop3(start_server, work_dir, extra_config='proxy_from = ["127.0.0.77/32"]\n')
+    header = proxy_v1(("192.0.2.10", 40000), ("127.0.0.1", pop3.port))
+    refused = (b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections "
+               b"(use STLS).\r\n")
+    with socket.create_connection((pop3.host, pop3.port), timeout=10,
+                                  source_address=("127.0.0.77", 0)) as sock:
+        sock.sendall(header)
+        wire = Wire(sock)
+        assert wire.greeting == b"+OK ccsmtp POP3 ready\r\n"
+        assert wire.cmd("CAPA").startswith(b"+OK")
+        capa = wire.multi().split(b"\r\n")
+        assert b"STLS" in capa and b"USER" not in capa and not any(c.startswith(b"SASL") for c in capa)
+        assert wire.cmd("USER alice") == refused
+        assert wire.cmd("PASS secret") == refused
+        plain = base64.b64encode(b"\0alice\0secret").decode()
+        assert wire.cmd(f"AUTH PLAIN {plain}") == refused
+        assert wire.cmd("STLS") == b"+OK Begin TLS negotiation\r\n"
+        tls = BioTLS(sock, pop3.ssl_context())
+        tls.handshake(b"CAPA\r\n")
+        capa = tls.read_until(b"\r\n.\r\n")
+        assert b"\r\nUSER\r\n" in capa and b"\r\nSASL PLAIN\r\n" in capa, capa
+        tls.send(f"AUTH PLAIN {plain}\r\nQUIT\r\n".encode())
+        assert tls.read_until(b"Bye\r\n") == b"+OK Logged in.\r\n+OK Bye\r\n"
+    log = pop3.log()
+    assert "login failed" not in log                    # no password was checked in clear
+    assert "pop3 login: user=<alice>, client=[192.0.2.10], TLS" in log
+
+
 def need(*programs: str) -> None:
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
