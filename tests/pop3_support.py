@@ -152,13 +152,28 @@ class Pop3Server:
         return dataclasses.replace(self, smtp=server)
 
     def worker_of(self, sock: socket.socket):
-        """The worker process holding the server's end of a client socket."""
-        here = sock.getsockname()
+        """The worker process holding the server's end of a client socket (IPv4): its
+        inode from /proc/net/tcp, then the worker with that descriptor (psutil's
+        net_connections takes ~0.2 s a call here)."""
+        ip, port = sock.getsockname()
+        remote = f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
+        inode = None
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[2] == remote:
+                    inode = fields[9]
+                    break
+        if inode is None:
+            return None
+        target = f"socket:[{inode}]"
         for worker in self.smtp.workers():
-            with contextlib.suppress(Exception):
-                if any(c.raddr and (c.raddr.ip, c.raddr.port) == here
-                       for c in worker.net_connections("tcp")):
-                    return worker
+            fd_dir = f"/proc/{worker.pid}/fd"
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(fd_dir):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"{fd_dir}/{fd}") == target:
+                            return worker
         return None
 
 

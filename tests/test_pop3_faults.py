@@ -37,7 +37,7 @@ from prefork_smtp.store import mailbox_index
 
 KILLS = int(os.environ.get("CCSMTP_POP3_KILLS", "40"))
 INITIAL_MESSAGES = 300
-MAILBOX_CEILING = 600         # senders pause above this many messages
+MAILBOX_CEILING = 400         # senders pause above this many messages
 S_COMMIT_FAILED = b"-ERR [SYS/TEMP] Some deleted messages not removed.\r\n"
 
 
@@ -47,8 +47,8 @@ def checked_content(mid: str, rng: random.Random) -> bytes:
     for k in range(rng.randint(3, 60)):
         lead = rng.choice(["", "", ".", "..", " "])
         lines.append(lead + f"{mid} line {k} " + "z" * rng.randint(0, 200))
-    if rng.random() < 0.1:
-        lines.append("q" * rng.randint(20_000, 200_000))     # a big one now and then
+    if rng.random() < 0.03:
+        lines.append("q" * rng.randint(20_000, 100_000))     # a big one now and then
     body = "\n".join(lines) + "\n"
     digest = hashlib.sha256(body.encode()).hexdigest()[:32]
     return (f"From: {SENDER}\r\nTo: alice@{DOMAIN}\r\nSubject: kill test\r\n"
@@ -77,7 +77,7 @@ class Senders:
     """SMTP senders adding to alice; a sender whose connection dies (its worker was
     killed) starts a new one. Remembers what got a 250."""
 
-    def __init__(self, pop3: Pop3Server, count: int = 2, interval: float = 0.03):
+    def __init__(self, pop3: Pop3Server, count: int = 2, interval: float = 0.05):
         self.pop3 = pop3
         self.acked: set[str] = set()
         self.attempts = 0
