@@ -154,26 +154,27 @@ class Pop3Server:
     def worker_of(self, sock: socket.socket):
         """The worker process holding the server's end of a client socket (IPv4): its
         inode from /proc/net/tcp, then the worker with that descriptor (psutil's
-        net_connections takes ~0.2 s a call here)."""
+        net_connections takes ~0.2 s a call here, and is the fallback)."""
         ip, port = sock.getsockname()
         remote = f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
-        inode = None
-        with open("/proc/net/tcp") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[2] == remote:
-                    inode = fields[9]
-                    break
-        if inode is None:
-            return None
-        target = f"socket:[{inode}]"
+        for _ in range(20):
+            with open("/proc/net/tcp") as f:
+                inodes = [fields[9] for fields in (line.split() for line in f.readlines()[1:])
+                          if fields[2] == remote and fields[9] != "0"]
+            targets = {f"socket:[{inode}]" for inode in inodes}
+            for worker in self.smtp.workers():
+                fd_dir = f"/proc/{worker.pid}/fd"
+                with contextlib.suppress(OSError):
+                    for fd in os.listdir(fd_dir):
+                        with contextlib.suppress(OSError):
+                            if os.readlink(f"{fd_dir}/{fd}") in targets:
+                                return worker
+            time.sleep(0.05)
         for worker in self.smtp.workers():
-            fd_dir = f"/proc/{worker.pid}/fd"
-            with contextlib.suppress(OSError):
-                for fd in os.listdir(fd_dir):
-                    with contextlib.suppress(OSError):
-                        if os.readlink(f"{fd_dir}/{fd}") == target:
-                            return worker
+            with contextlib.suppress(Exception):
+                if any(c.raddr and (c.raddr.ip, c.raddr.port) == (ip, port)
+                       for c in worker.net_connections("tcp")):
+                    return worker
         return None
 
 
