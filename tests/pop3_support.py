@@ -217,7 +217,7 @@ def start_pop3(start_server: Callable[..., Server], work_dir: Path, *,
     return pop3
 
 
-def wait_for_pop3(pop3: Pop3Server, timeout: float = 10.0) -> None:
+def wait_for_pop3(pop3: Pop3Server, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
