@@ -4,8 +4,9 @@ Owns: feeding received bytes to protocol.POP3Connection and carrying out its eve
 in order: replies; a login checked by the worker's LoginChecker (in a thread, its
 failures delayed); the user's maildrop opened, read and committed through the mail
 store (blocking file work, in the service's I/O threads, never on the loop); messages
-streamed dot-stuffed with back-pressure, never held whole; STLS; the autologout timer
-(pop3_timeout, restarted by every command).
+sent dot-stuffed with back-pressure: up to READ_AHEAD_BYTES read whole (with the next
+ones, for a client retrieving in order), larger ones streamed, never held whole; STLS;
+the autologout timer (pop3_timeout, restarted by every command).
 Must not: parse POP3 or touch mailbox files itself. A dropped connection deletes
 nothing: deletions happen only when the protocol asks for a Commit at QUIT.
 """
