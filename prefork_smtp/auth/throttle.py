@@ -73,11 +73,15 @@ def client_ident(ip: str) -> str:
 class Throttle:
     """The shared table: made by the master before forking (no file, so no SIGBUS on a
     full disk and nothing left behind), read by every worker. At most
-    MAX_REGIONS * REGION_BYTES (6 MiB), paged in as touched."""
+    MAX_REGIONS * REGION_BYTES (6 MiB), paged in as touched. After the regions, one
+    byte per region says whether its slot ever wrote there: a look-up reads only
+    those (a few) instead of all MAX_REGIONS, so it stays cheap on the event loop
+    (a flood of failing logins makes two look-ups per attempt)."""
 
     def __init__(self, regions: int = MAX_REGIONS):
         self.regions = regions
-        self._map = mmap.mmap(-1, REGION_BYTES * regions)   # MAP_SHARED | MAP_ANONYMOUS
+        self._used_at = REGION_BYTES * regions
+        self._map = mmap.mmap(-1, self._used_at + regions)  # MAP_SHARED | MAP_ANONYMOUS
         self._secret = os.urandom(16)                        # inherited by fork
 
     def key(self, ip: str) -> int:
@@ -103,13 +107,25 @@ class Throttle:
 
     def _run(self, key: int, now: float) -> tuple[int, float]:
         failures, last = 0, 0.0
-        for region in range(self.regions):
+        for region in self._used_regions():
             found = self._find(region, key)[1:]
             if found[0] and found[1] > last:
                 failures, last = found
         if not failures or now - last >= FORGET_S:
             return 0, 0.0
         return failures, last
+
+    def _used_regions(self) -> list[int]:
+        flags = self._map[self._used_at:self._used_at + self.regions]
+        out, region = [], flags.find(1)
+        while region >= 0:
+            out.append(region)
+            region = flags.find(1, region + 1)
+        return out
+
+    def _mark_used(self, region: int) -> None:
+        """Set once, by the region's own writer, before its first entry."""
+        self._map[self._used_at + region] = 1
 
     def _find(self, region: int, key: int) -> tuple[int, int, float]:
         """(entry offset or -1, failures, last) of key in a region."""
@@ -160,6 +176,7 @@ class ThrottleRegion:
             if len(self.entries) >= MAX_KEYS:
                 self._rebuild(now)
             offset = self._free_offset(key)
+            self.throttle._mark_used(self.slot)
         self.entries[key] = (failures, now)
         ENTRY.pack_into(self.throttle._map, offset, key, now, failures)
 

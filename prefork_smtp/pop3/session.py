@@ -4,8 +4,9 @@ Owns: feeding received bytes to protocol.POP3Connection and carrying out its eve
 in order: replies; a login checked by the worker's LoginChecker (in a thread, its
 failures delayed); the user's maildrop opened, read and committed through the mail
 store (blocking file work, in the service's I/O threads, never on the loop); messages
-streamed dot-stuffed with back-pressure, never held whole; STLS; the autologout timer
-(pop3_timeout, restarted by every command).
+sent dot-stuffed with back-pressure: up to READ_AHEAD_BYTES read whole (with the next
+ones, for a client retrieving in order), larger ones streamed, never held whole; STLS;
+the autologout timer (pop3_timeout, restarted by every command).
 Must not: parse POP3 or touch mailbox files itself. A dropped connection deletes
 nothing: deletions happen only when the protocol asks for a Commit at QUIT.
 """
@@ -22,7 +23,7 @@ from ..net.session import StreamSession, is_loopback
 from ..service import WorkerContext
 from . import replies as R
 from .dot_stuffing import DotStuffer
-from .maildrop import Maildrop, MaildropInUse
+from .maildrop import READ_AHEAD_BYTES, Maildrop, MaildropInUse
 from .protocol import (CheckLogin, CloseConnection, Commit, Event, OpenMaildrop,
                        POP3Connection, SendMessage, SendReply, StartTLS)
 
@@ -51,6 +52,10 @@ class POP3Session(StreamSession):
         self._writable = asyncio.Event()
         self._writable.set()
         self._retrieved = 0
+        self._after_handshake: list[bytes] = []
+        # Messages read with an earlier RETR, not yet asked for (READ_AHEAD_BYTES).
+        self._read_ahead: dict[int, bytes] = {}
+        self._last_retrieved = 0
 
     # --- StreamSession ------------------------------------------------------------------
 
@@ -62,6 +67,7 @@ class POP3Session(StreamSession):
         self.conn = self._new_protocol()
         self._arm_deadline()
         self._run(self.conn.greeting())
+        self._feed_after_handshake()
 
     def _new_protocol(self) -> POP3Connection:
         return POP3Connection(tls=self.tls is not None, stls_available=self.tls_available,
@@ -72,6 +78,27 @@ class POP3Session(StreamSession):
     def received(self, data: bytes) -> None:
         if self.conn is not None:
             self._run(self.conn.feed(data))
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshaking and not self._ended:
+            # asyncio's TLS layer hands the application the bytes that came in the same
+            # read as the client's Finished message before loop.start_tls() returns,
+            # while the base class still counts the handshake as running and would
+            # drop them: a client that sends its first command with its Finished (mpop
+            # and other GnuTLS clients after STLS) would wait for ever. They came
+            # through TLS, so they are commands: keep them for the protocol object made
+            # after the handshake. (Plain bytes cannot get here: reading stopped in the
+            # turn STLS was answered; what was read with STLS is never executed.) At
+            # most one read's worth.
+            self._after_handshake.append(data)
+            return
+        super().data_received(data)
+
+    def _feed_after_handshake(self) -> None:
+        if self._after_handshake:
+            data = b"".join(self._after_handshake)
+            self._after_handshake.clear()
+            self.received(data)
 
     def busy(self) -> bool:
         return self._busy
@@ -96,14 +123,18 @@ class POP3Session(StreamSession):
         self.close_now()
 
     def ended(self, exc: Exception | None) -> None:
-        if self.maildrop is not None:
-            self.maildrop.close()    # releases the mailbox's POP3 lock; deletes nothing
-            self.maildrop = None
+        self._release_maildrop()
         if self.conn is not None:
             log.info("disconnect from [%s] user=%s retrieved=%d%s", self.client_ip,
                      self.conn.user or "-", self._retrieved,
                      f" tls={self.tls.version}" if self.tls else "")
             self.conn = None
+
+    def _release_maildrop(self) -> None:
+        self._read_ahead = {}
+        if self.maildrop is not None:
+            self.maildrop.close()    # releases the mailbox's POP3 lock; deletes nothing
+            self.maildrop = None
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -137,6 +168,17 @@ class POP3Session(StreamSession):
             if isinstance(event, SendReply):
                 out.append(event.data)
                 continue
+            if isinstance(event, SendMessage) and self._send_read_ahead(event, out):
+                continue
+            if isinstance(event, CloseConnection):
+                self._pending.clear()
+                # Free the mailbox before the last reply goes out, not when the client
+                # gets round to closing (up to CLOSE_LINGER_S later): a client that
+                # QUITs and logs in again at once must not find its own session there.
+                self._release_maildrop()
+                self._flush(out)
+                self.close_after_reply()
+                continue
             self._flush(out)
             if isinstance(event, CheckLogin):
                 self._work(self._check_login(event), self._login_checked)
@@ -150,9 +192,6 @@ class POP3Session(StreamSession):
                     self.conn.committed() if ok else self.conn.commit_failed()))
             elif isinstance(event, StartTLS):
                 self._start_tls()
-            elif isinstance(event, CloseConnection):
-                self._pending.clear()
-                self.close_after_reply()
         self._flush(out)
         self.update_reading()
 
@@ -220,17 +259,58 @@ class POP3Session(StreamSession):
                  len(result.messages))
         self._answer(self.conn.maildrop_opened(result.messages))
 
+    def _send_read_ahead(self, event: SendMessage, out: list[bytes]) -> bool:
+        """RETR of a message read ahead, while the client keeps up: sent with its +OK
+        in one write, on the loop (no task, no thread); False if it is not at hand."""
+        if event.body_lines is not None or self._write_blocked:
+            return False
+        content = self._read_ahead.pop(event.number, None)
+        if content is None:
+            return False
+        out.append(_stuffed(content))
+        self._retrieved += 1
+        self._last_retrieved = event.number
+        assert self.conn is not None
+        self._pending.extend(self.conn.message_sent())
+        return True
+
     async def _send(self, event: SendMessage) -> bool:
-        """Stream one message, dot-stuffed; False if it could not be read (the
-        protocol then closes: nothing can be said inside a multi-line response)."""
+        """Send one message, dot-stuffed: read whole (with those after it when the
+        client retrieves in order), or streamed if large; False if it could not be
+        read (the protocol then closes: nothing can be said inside a multi-line
+        response)."""
+        assert self.maildrop is not None
+        number = event.number
+        if event.body_lines is None and self.maildrop.size(number) <= READ_AHEAD_BYTES:
+            content = self._read_ahead.pop(number, None)
+            if content is None:
+                in_order = number == self._last_retrieved + 1
+                budget = READ_AHEAD_BYTES if in_order else self.maildrop.size(number)
+                try:
+                    run = await self.service.in_thread(self.maildrop.read_whole, number, budget)
+                except OSError as e:
+                    log.error("cannot read message %d of %s for [%s]: %s", number,
+                              self.maildrop.name, self.client_ip, e)
+                    return False
+                content = run.pop(number)
+                self._read_ahead = run
+            self.write(_stuffed(content))
+            await self._writable.wait()
+            self._retrieved += 1
+            self._last_retrieved = number
+            return self.is_open
+        return await self._stream(event)
+
+    async def _stream(self, event: SendMessage) -> bool:
+        """A large message (or TOP) in batches: a thread hop per BATCH_BYTES, the next
+        one only once the client has read what was sent (back-pressure)."""
         assert self.maildrop is not None
         stuffer = DotStuffer()
         reader = self.maildrop.reader(event.number, event.body_lines)
         try:
-            while True:
-                pieces = await self.service.in_thread(reader.next_pieces)
-                if not pieces:
-                    break
+            done = False
+            while not done:
+                pieces, done = await self.service.in_thread(reader.next_pieces)
                 self.write(b"".join(stuffer.stuff(piece) for piece in pieces))
                 await self._writable.wait()      # the client reads what we sent so far
                 if not self.is_open:
@@ -244,6 +324,7 @@ class POP3Session(StreamSession):
         self.write(stuffer.finish())
         if event.body_lines is None:
             self._retrieved += 1
+            self._last_retrieved = event.number
         return True
 
     async def _commit(self, deleted: tuple[int, ...]) -> bool:
@@ -273,6 +354,13 @@ class POP3Session(StreamSession):
         self.conn = self._new_protocol()      # RFC 2595 §4: no new greeting
         self._commands_seen = 0
         self._arm_deadline()
+        self._feed_after_handshake()
 
     def _arm_deadline(self) -> None:
         self.set_deadline(self.config.pop3_timeout_s)
+
+
+def _stuffed(content: bytes) -> bytes:
+    """A whole message as RETR sends it: dot-stuffed, then the terminating line."""
+    stuffer = DotStuffer()
+    return stuffer.stuff(content) + stuffer.finish()
