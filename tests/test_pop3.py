@@ -239,11 +239,6 @@ def test_a_command_sent_with_the_tls_finished_message_is_answered(start_server, 
         assert tls.read_until(b"Bye\r\n") == b"+OK\r\n+OK Logged in.\r\n+OK 0 0\r\n+OK Bye\r\n"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "net/session.py drops bytes asyncio's TLS layer delivers before loop.start_tls() "
-    "returns (StreamSession.data_received ignores input while handshaking): an SMTP "
-    "client that sends EHLO with its TLS Finished waits for ever. POP3Session works "
-    "around it (pop3/session.py data_received); the fix belongs in StreamSession."))
 def test_smtp_starttls_answers_a_command_sent_with_the_tls_finished_message(start_server,
                                                                           work_dir):
     pop3 = start_pop3(start_server, work_dir)

@@ -52,7 +52,6 @@ class POP3Session(StreamSession):
         self._writable = asyncio.Event()
         self._writable.set()
         self._retrieved = 0
-        self._after_handshake: list[bytes] = []
         # Messages read with an earlier RETR, not yet asked for (READ_AHEAD_BYTES).
         self._read_ahead: dict[int, bytes] = {}
         self._last_retrieved = 0
@@ -67,7 +66,6 @@ class POP3Session(StreamSession):
         self.conn = self._new_protocol()
         self._arm_deadline()
         self._run(self.conn.greeting())
-        self._feed_after_handshake()
 
     def _new_protocol(self) -> POP3Connection:
         return POP3Connection(tls=self.tls is not None, stls_available=self.tls_available,
@@ -78,27 +76,6 @@ class POP3Session(StreamSession):
     def received(self, data: bytes) -> None:
         if self.conn is not None:
             self._run(self.conn.feed(data))
-
-    def data_received(self, data: bytes) -> None:
-        if self.handshaking and not self._ended:
-            # asyncio's TLS layer hands the application the bytes that came in the same
-            # read as the client's Finished message before loop.start_tls() returns,
-            # while the base class still counts the handshake as running and would
-            # drop them: a client that sends its first command with its Finished (mpop
-            # and other GnuTLS clients after STLS) would wait for ever. They came
-            # through TLS, so they are commands: keep them for the protocol object made
-            # after the handshake. (Plain bytes cannot get here: reading stopped in the
-            # turn STLS was answered; what was read with STLS is never executed.) At
-            # most one read's worth.
-            self._after_handshake.append(data)
-            return
-        super().data_received(data)
-
-    def _feed_after_handshake(self) -> None:
-        if self._after_handshake:
-            data = b"".join(self._after_handshake)
-            self._after_handshake.clear()
-            self.received(data)
 
     def busy(self) -> bool:
         return self._busy
@@ -354,7 +331,6 @@ class POP3Session(StreamSession):
         self.conn = self._new_protocol()      # RFC 2595 §4: no new greeting
         self._commands_seen = 0
         self._arm_deadline()
-        self._feed_after_handshake()
 
     def _arm_deadline(self) -> None:
         self.set_deadline(self.config.pop3_timeout_s)
