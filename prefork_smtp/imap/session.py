@@ -14,13 +14,12 @@ Must not: parse IMAP or touch mailbox files itself.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from ..config import ListenAddress
-from ..net.session import StreamSession, is_loopback
+from ..net.protocol_session import ProtocolSession
+from ..net.session import is_loopback
 from ..service import WorkerContext
 from . import mailbox_commands
 from . import response as R
@@ -31,9 +30,6 @@ from .protocol import (CheckLogin, Close, Event, IdleEnded, IdleStarted, IMAPCon
 if TYPE_CHECKING:
     from .service import IMAPService
 
-# Pipelined commands handled before other sessions get a turn.
-COMMANDS_PER_TURN = 100
-
 log = logging.getLogger("ccsmtp.imapd")
 
 BYE_TOO_MANY = R.untagged(R.BYE, "Too many connections from your address")
@@ -41,7 +37,7 @@ BYE_SHUTTING_DOWN = R.untagged(R.BYE, "Server shutting down")
 BYE_INTERNAL_ERROR = R.untagged(R.BYE, "Internal server error")
 
 
-class IMAPSession(StreamSession):
+class IMAPSession(ProtocolSession):
     family = "imap"
     log = log
 
@@ -49,54 +45,55 @@ class IMAPSession(StreamSession):
         super().__init__(context, listener)
         self.service = service
         self.conn: IMAPConnection | None = None
-        self._pending: collections.deque[Event] = collections.deque()
-        self._busy = False
-        self._more_scheduled = False
-        self._commands_seen = 0
-        self._writable = asyncio.Event()
-        self._writable.set()
         self._idle_mailbox: str | None = None
         self._user: str | None = None
 
-    # --- StreamSession ------------------------------------------------------------------
+    # --- ProtocolSession ------------------------------------------------------------------
 
     def refusal(self, why: str) -> bytes:
         return BYE_TOO_MANY if why == "too many connections" else BYE_SHUTTING_DOWN
 
-    def begin(self) -> None:
-        self.conn = self._new_protocol()
-        self._arm_deadline()
-        self._run(self.conn.greeting())
-
-    def _new_protocol(self) -> IMAPConnection:
+    def new_protocol(self) -> IMAPConnection:
         return IMAPConnection(
             tls=self.tls is not None, starttls_available=self.tls_available,
             plaintext_allowed=self.tls is not None or is_loopback(self.client_ip),
             max_literal_after_login=self.config.max_size_bytes,
             hard_error_limit=self.config.hard_error_limit,
-            max_commands_per_feed=COMMANDS_PER_TURN)
+            max_commands_per_feed=self.COMMANDS_PER_TURN)
 
-    def received(self, data: bytes) -> None:
-        if self.conn is not None:
-            self._run(self.conn.feed(data))
+    def deadline_s(self) -> float:
+        return self.config.imap_timeout_s      # autologout, restarted by every command
 
-    def busy(self) -> bool:
-        return self._busy
+    def output(self, event: Event) -> bytes | None:
+        return event.data if isinstance(event, Send) else None
 
-    def wants_pause(self) -> bool:
-        return self._busy or (self.conn is not None and
-                              (self.conn.waiting or self.conn.has_unread_commands))
+    def carry_out(self, event: Event) -> None:
+        if isinstance(event, CheckLogin):
+            self.run_then(self._check_login(event), self._login_checked)
+        elif isinstance(event, MailboxWork):
+            self.run_then(self._mailbox_work(event), self._work_done)
+        elif isinstance(event, IdleStarted):
+            self._start_idling(event.mailbox)
+        elif isinstance(event, IdleEnded):
+            self._stop_idling()
+        elif isinstance(event, StartTLS):
+            assert self.conn is not None
+            self.start_tls_after("STARTTLS", self.conn.parser.discard_buffered())
+        elif isinstance(event, Close):
+            self.close_after_last_reply()
+
+    def answer(self, events: list[Event]) -> None:
+        # An answer restarts the autologout clock, but IDLE's updates do not: a client
+        # idling on a busy mailbox must still re-issue IDLE (RFC 2177 §3).
+        if self.conn is not None and not self.conn.idling:
+            self.arm_deadline()
+        self.run(events)
 
     def on_deadline(self) -> None:
         if self.conn is not None:
             log.info("autologout of [%s] after %.0f s", self.client_ip,
                      self.config.imap_timeout_s)
-            self._run(self.conn.timed_out())
-
-    def shutdown(self) -> None:
-        super().shutdown()
-        if self.conn is not None:
-            self._run(self.conn.shutdown())
+            self.run(self.conn.timed_out())
 
     def fail(self) -> None:
         if self.is_open:
@@ -104,92 +101,12 @@ class IMAPSession(StreamSession):
         self.close_now()
 
     def ended(self, exc: Exception | None) -> None:
+        super().ended(exc)       # a FETCH waiting for the client to read wakes and stops
         self._stop_idling()
-        self._writable.set()     # a FETCH waiting for the client to read wakes and stops
         if self.conn is not None:
             log.info("disconnect from [%s] user=%s%s", self.client_ip, self._user or "-",
                      f" tls={self.tls.version}" if self.tls else "")
             self.conn = None
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._writable.set()
-
-    # --- carrying out events ------------------------------------------------------------
-
-    def _run(self, events: list[Event]) -> None:
-        self._pending.extend(events)
-        self._drain()
-        if self.conn is not None and self.conn.commands_done != self._commands_seen:
-            self._commands_seen = self.conn.commands_done
-            self._arm_deadline()
-        if self.conn is not None and self.conn.has_unread_commands and not self._more_scheduled:
-            self._more_scheduled = True
-            asyncio.get_running_loop().call_soon(self._feed_more)
-
-    def _feed_more(self) -> None:
-        self._more_scheduled = False
-        if self.conn is not None and not self._busy:
-            self._guarded(lambda: self._run(self.conn.feed(b"")))
-
-    def _drain(self) -> None:
-        out: list[bytes] = []
-        while self._pending and not self._busy and self.is_open:
-            event = self._pending.popleft()
-            if isinstance(event, Send):
-                out.append(event.data)
-                continue
-            self._flush(out)
-            if isinstance(event, CheckLogin):
-                self._work(self._check_login(event), self._login_checked)
-            elif isinstance(event, MailboxWork):
-                self._work(self._mailbox_work(event), self._work_done)
-            elif isinstance(event, IdleStarted):
-                self._start_idling(event.mailbox)
-            elif isinstance(event, IdleEnded):
-                self._stop_idling()
-            elif isinstance(event, StartTLS):
-                self._start_tls()
-            elif isinstance(event, Close):
-                self._pending.clear()
-                self.close_after_reply()
-        self._flush(out)
-        self.update_reading()
-
-    def _flush(self, out: list[bytes]) -> None:
-        if out:
-            self.write(b"".join(out))
-        out.clear()
-
-    def _work(self, job: Awaitable[Any], then: Callable[[Any], None]) -> None:
-        """Run job (it may wait for threads); meanwhile read nothing; then answer."""
-        self._busy = True
-        self.update_reading()
-
-        def done(task: asyncio.Task[Any]) -> None:
-            self._busy = False
-            if task.cancelled() or self.conn is None:
-                return
-            error = task.exception()
-            if error is not None:
-                self.log.error("internal error in session with [%s]", self.client_ip,
-                               exc_info=error)
-                self.fail()
-                return
-            self._guarded(lambda: then(task.result()))
-
-        asyncio.get_running_loop().create_task(job).add_done_callback(done)
-
-    def _answer(self, events: list[Event]) -> None:
-        # An answer restarts the autologout clock, but IDLE's updates do not: a client
-        # idling on a busy mailbox must still re-issue IDLE (RFC 2177 §3).
-        if self.conn is not None and not self.conn.idling:
-            self._arm_deadline()
-        self._run(events)
 
     # --- login --------------------------------------------------------------------------
 
@@ -204,7 +121,7 @@ class IMAPSession(StreamSession):
         assert self.conn is not None
         if name:
             self._user = name
-        self._answer(self.conn.login_ok(name) if name else self.conn.login_failed())
+        self.answer(self.conn.login_ok(name) if name else self.conn.login_failed())
 
     # --- mailbox work ---------------------------------------------------------------------
 
@@ -218,7 +135,7 @@ class IMAPSession(StreamSession):
                 chunk = await self.service.in_thread(job.next_batch)
                 if chunk:
                     self.write(chunk)
-                    await self._writable.wait()
+                    await self.writable.wait()
                 if not self.is_open:
                     return Outcome(R.NO, "gone", fatal=True)
                 if job.outcome is not None:
@@ -236,7 +153,7 @@ class IMAPSession(StreamSession):
                          else None)
         if outcome.bye is not None or outcome.fatal:
             self._stop_idling()
-        self._answer(self.conn.work_done(outcome))
+        self.answer(self.conn.work_done(outcome))
 
     # --- IDLE (RFC 2177) --------------------------------------------------------------------
 
@@ -252,28 +169,9 @@ class IMAPSession(StreamSession):
             self._idle_mailbox = None
 
     def _mailbox_changed(self) -> None:
-        if self.conn is not None and not self._busy:
-            self._guarded(lambda: self._run(self.conn.mailbox_changed()))
+        if self.conn is not None and not self.busy():
+            self._guarded(lambda: self.run(self.conn.mailbox_changed()))
         elif self.conn is not None:
             # A poll (or the last batch of one) is under way: the protocol polls again
             # once it is answered.
             self.conn.mailbox_changed()
-
-    # --- STARTTLS (RFC 3501 §6.2.1) -----------------------------------------------------------
-
-    def _start_tls(self) -> None:
-        assert self.conn is not None
-        injected = self.conn.parser.discard_buffered()
-        if injected:
-            log.warning("discarded %d byte(s) sent after STARTTLS by [%s] before the TLS "
-                        "handshake", injected, self.client_ip)
-        self._pending.clear()
-        self.start_tls(self._tls_started)
-
-    def _tls_started(self) -> None:
-        self.conn = self._new_protocol()       # no greeting after STARTTLS
-        self._commands_seen = 0
-        self._arm_deadline()
-
-    def _arm_deadline(self) -> None:
-        self.set_deadline(self.config.imap_timeout_s)
