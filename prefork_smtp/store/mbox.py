@@ -195,10 +195,11 @@ def _cut_back(spool_dir: str, mailbox: str, size: int) -> bool:
 
 
 def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o600,
-           journal: AppendJournal | None = None) -> None:
+           journal: AppendJournal | None = None, sync: bool = True) -> None:
     """Append the pieces of data to SPOOL/mailbox under both locks and fsync. Raises MailboxBusy
     at once rather than wait: a reader holding the lock must not stall delivery to
-    everyone else."""
+    everyone else. sync=False leaves the fsync (of the file, and of SPOOL for a new
+    mailbox) to the caller, who batches many appends into one flush."""
     path = mailbox_path(spool_dir, mailbox)
     dotlock = path + ".lock"
     _take_dotlock(dotlock)
@@ -211,17 +212,17 @@ def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o60
                          | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
             created = True
         try:
-            _append_locked(fd, data, mailbox, journal)
+            _append_locked(fd, data, mailbox, journal, sync)
         finally:
             os.close(fd)   # closing the description releases the OFD lock
-        if created:
+        if created and sync:
             fsync_dir(spool_dir)
     finally:
         unlink_quietly(dotlock)
 
 
 def _append_locked(fd: int, data: Iterable[bytes], mailbox: str,
-                   journal: AppendJournal | None) -> None:
+                   journal: AppendJournal | None, sync: bool = True) -> None:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "mailbox is not a regular file")
@@ -233,9 +234,9 @@ def _append_locked(fd: int, data: Iterable[bytes], mailbox: str,
     if journal is not None:
         journal.begin(mailbox, old_size)
     try:
-        for piece in data:
-            write_all(fd, [piece])
-        os.fsync(fd)
+        _write_coalesced(fd, data)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         # Postfix mbox delivery: on any error cut the file back, no half message.
         os.ftruncate(fd, old_size)
@@ -244,6 +245,23 @@ def _append_locked(fd: int, data: Iterable[bytes], mailbox: str,
     finally:
         if journal is not None:
             journal.end()
+
+
+WRITE_BYTES = 256 << 10
+
+
+def _write_coalesced(fd: int, data: Iterable[bytes]) -> None:
+    """Write the pieces in few system calls: many small copies go out together."""
+    batch: list[bytes] = []
+    size = 0
+    for piece in data:
+        batch.append(piece)
+        size += len(piece)
+        if size >= WRITE_BYTES:
+            write_all(fd, [b"".join(batch)])
+            batch, size = [], 0
+    if batch:
+        write_all(fd, [b"".join(batch)])
 
 
 def _owner_is_dead(path: str) -> bool:
