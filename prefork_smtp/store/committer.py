@@ -29,6 +29,10 @@ from .envelope import Envelope
 log = logging.getLogger("ccsmtp.queue")
 
 WAKE_INTERVAL_S = 0.005
+# Flushes faster than this are made on the loop itself: handing them to the sync
+# thread and back (two thread switches, a wake-up of the loop) cost more CPU than
+# the flush blocks it. Slower devices always get the thread.
+INLINE_FLUSH_S = 0.0003
 
 
 class _Syncer:
@@ -157,6 +161,9 @@ class GroupCommitter:
             self._prepare_spare()
 
     def _sync(self, end: int) -> None:
+        if self.log.flush_s < INLINE_FLUSH_S and not self._syncer_busy():
+            self._sync_here(end)
+            return
         if self._syncer is None and not self._inline:
             try:
                 self._syncer = _Syncer(self.spool_dir, asyncio.get_running_loop(), self._synced)
@@ -169,6 +176,13 @@ class GroupCommitter:
         if self._syncer is not None:
             self._syncer.want(end)
             return
+        self._sync_here(end)
+
+    def _syncer_busy(self) -> bool:
+        # Records handed to the thread are resolved by it, in order.
+        return bool(self._waiting) and self._waiting[0][0] < self._waiting[-1][0]
+
+    def _sync_here(self, end: int) -> None:
         error: Exception | None = None
         try:
             self.log.sync(end)

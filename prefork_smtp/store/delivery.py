@@ -44,6 +44,8 @@ ROUND_BYTES = 8 * 1024 * 1024      # at most this much message content in memory
 RESCAN_S = 1.0                     # look at the queue at least this often
 FULL_SYNC_WAIT_S = 0.05            # then flush the mailboxes ourselves: the log is quiet
 POLL_S = 0.005                     # while waiting for a flush to cover our appends
+ROUND_INTERVAL_S = 0.02            # rounds start at most this often
+DONE_RESCAN_S = 1.0                # done files: the queue tool's removals, looked for this often
 
 
 @dataclasses.dataclass
@@ -95,6 +97,7 @@ class Delivery:
         self._unsynced: list[tuple[int, int, str]] = []
         self._sync_wanted = 0            # FULL_REQ number that covers _unsynced
         self._sync_asked_at = 0.0
+        self._done_rescan_at = 0.0
         self._stopping = False
         self._quitting = False
         self._reopen_logs = False
@@ -106,10 +109,12 @@ class Delivery:
         self._install_signals()
         setproctitle("ccsmtp: delivery [waiting for lock]")
         lock_fd = self._take_delivery_lock()
+        logs.batch_writes()
         try:
             self.recover()
             self._loop()
         finally:
+            logs.unbatch()
             os.close(lock_fd)
         return 0
 
@@ -147,10 +152,12 @@ class Delivery:
             if self._reopen_logs:
                 self._reopen_logs = False
                 logs.reopen()
+            started = time.monotonic()
             self.deliver_round()
             self.settle(force=stop_by is not None)
             pending = self.pending()
             self._beat()
+            logs.flush_pending()
             if stop_by is not None and (not pending or time.monotonic() > stop_by):
                 if pending:
                     log.warning("delivery stopping with %d message(s) still queued", pending)
@@ -163,6 +170,9 @@ class Delivery:
                 self._wait(POLL_S)
             else:
                 self._wait(self._next_retry_in())
+            # Under load, let copies gather: one lock and one write per mailbox then
+            # carries many (each append costs a dozen system calls whatever its size).
+            time.sleep(max(0.0, started + ROUND_INTERVAL_S - time.monotonic()))
 
     def _next_retry_in(self) -> float:
         if not self.retry_at:
@@ -239,8 +249,12 @@ class Delivery:
         mailbox may be free again."""
         self._refresh_segments()
         budget = ROUND_BYTES
+        rescan = time.monotonic() >= self._done_rescan_at
+        if rescan:
+            self._done_rescan_at = time.monotonic() + DONE_RESCAN_S
         for state in self.segments.values():
-            self._read_done(state)
+            if rescan:
+                self._read_done(state)
             while budget > 0 and not state.read_all:
                 got = self._read_more(state, with_content=True, max_bytes=budget)
                 budget -= got

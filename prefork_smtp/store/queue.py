@@ -85,6 +85,7 @@ CTL_MAGIC = b"CCQCTL2\n"
 _END, _SYNCED, _CUR_ID, _CUR_BASE, _CUR_CAP, _NEXT_BASE = 8, 16, 24, 32, 40, 48
 _APPENDED, _SYNCED_RECS, _LAST_BATCH, _FLUSH_US = 56, 64, 72, 80
 _FULL_REQ, _FULL_DONE, _FAIL_LO, _FAIL_HI = 88, 96, 104, 112
+_PREV_BATCH = 120
 _U64 = struct.Struct("<Q")
 # Byte-range OFD locks on the control file.
 APPEND_LOCK, SYNC_LOCK = 0, 1
@@ -93,9 +94,10 @@ _FLOCK = "hhqqi4x"
 # Group commit across workers: when the device is slow and the last flush carried
 # several records, the leader waits a little for the sessions it just acknowledged to
 # send their next message, so that one flush carries them all (PostgreSQL's
-# commit_delay): a quarter of a flush, at most GATHER_MAX_S.
+# commit_delay): for half a flush at most, and at most GATHER_MAX_S.
 GATHER_MIN_FLUSH_S = 0.001
-GATHER_MAX_S = 0.003
+GATHER_SHARE = 0.5
+GATHER_MAX_S = 0.004
 GATHER_POLL_S = 0.0002
 
 
@@ -333,6 +335,11 @@ class Log:
     def end(self) -> int:
         return self._get(_END)
 
+    @property
+    def flush_s(self) -> float:
+        """How long flushes have taken lately (a moving average)."""
+        return self._get(_FLUSH_US) / 1e6
+
     def _lock(self, which: int, wait: bool = True) -> bool:
         request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, which, 1, 0)
         try:
@@ -402,10 +409,12 @@ class Log:
             pos += size
         if pieces:
             os.pwrite(self.fd(seg_id), b"".join(pieces), HEADER_BYTES + start - base)
-        self._set(_END, pos)
-        self._set(_APPENDED, self._get(_APPENDED) + len(payloads))
+        # A writer killed between these leaves records past END (overwritten by the
+        # next one) or a syncfs asked for in vain, never records a flush misses.
         if full:
             self._set(_FULL_REQ, self._get(_FULL_REQ) + 1)
+        self._set(_END, pos)
+        self._set(_APPENDED, self._get(_APPENDED) + len(payloads))
         return pos
 
     def _switch(self, size: int) -> tuple[int, int, int]:
@@ -421,11 +430,16 @@ class Log:
         if cap < size:
             raise OSError(errno.ENOSPC, "message too large for the space left")
         base = max(self._get(_NEXT_BASE), 1)
+        # A writer killed half-way through leaves a current segment with no room
+        # (CUR_CAP 0, set first and last) and a base never given out twice (NEXT_BASE
+        # moves before the header claims it): the next writer switches again, and
+        # the claimed segment stays empty until delivery frees it.
+        self._set(_CUR_CAP, 0)
+        self._set(_NEXT_BASE, base + cap)
         os.pwrite(fd, SEG_MAGIC + _U64.pack(base), 0)
         self._set(_CUR_ID, seg_id)
         self._set(_CUR_BASE, base)
         self._set(_CUR_CAP, cap)
-        self._set(_NEXT_BASE, base + cap)
         return seg_id, base, cap
 
     def _free_segments(self) -> list[tuple[int, int]]:
@@ -462,11 +476,16 @@ class Log:
             self._unlock(SYNC_LOCK)
 
     def _gather(self) -> None:
+        # Sessions acknowledged by one flush send their next message a few ms later,
+        # while the next flush runs; a leader that flushed at once would carry only
+        # those that came back during the previous flush, and the two halves would
+        # take turns for ever. Expect as many records as the last two flushes carried.
         last_batch, flush_s = self._get(_LAST_BATCH), self._get(_FLUSH_US) / 1e6
         if last_batch < 2 or flush_s < GATHER_MIN_FLUSH_S:
             return
-        deadline = time.monotonic() + min(flush_s / 4, GATHER_MAX_S)
-        while (self._get(_APPENDED) - self._get(_SYNCED_RECS) < last_batch
+        expected = last_batch + self._get(_PREV_BATCH)
+        deadline = time.monotonic() + min(flush_s * GATHER_SHARE, GATHER_MAX_S)
+        while (self._get(_APPENDED) - self._get(_SYNCED_RECS) < expected
                and time.monotonic() < deadline):
             time.sleep(GATHER_POLL_S)
 
@@ -493,6 +512,7 @@ class Log:
             raise QueueError(e) from e
         took_us = int((time.monotonic() - started) * 1e6)
         self._set(_FLUSH_US, (self._get(_FLUSH_US) * 3 + took_us) // 4)
+        self._set(_PREV_BATCH, self._get(_LAST_BATCH))
         self._set(_LAST_BATCH, appended - self._get(_SYNCED_RECS))
         self._set(_SYNCED_RECS, appended)
         self._set(_SYNCED, max(synced, end))
