@@ -46,6 +46,7 @@ SEND = [sys.executable, str(REPO / "bin" / "ccsmtp-send")]
 SENDER = "bench@bench.test"
 SMTP_SOURCE_HEADERS = 130      # what smtp-source adds to its -l payload, roughly
 DELIVERY_TIMEOUT_S = 60.0
+IDLE_PER_SOURCE = 20000
 MB = 1e6
 
 
@@ -184,6 +185,9 @@ def client_command(s: Scenario, client: str, target: Target, rcpts: list[str]) -
         cmd += ["--to", rcpt]
     if s.idle:
         cmd += ["--idle", str(s.idle), "--hold", str(s.hold_s)]
+        # ~28,000 ephemeral ports per local address towards one port: spread past that.
+        for n in range(1, s.idle // IDLE_PER_SOURCE + 2 if s.idle > IDLE_PER_SOURCE else 1):
+            cmd += ["--source", f"127.0.0.{n}"]
     return cmd
 
 
@@ -473,9 +477,16 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def raise_fd_limit() -> None:
-    """Servers inherit this: 10,000 idle connections need more than 1024 descriptors."""
+def raise_fd_limit(needed: int = 0) -> None:
+    """Servers inherit this: 10,000 idle connections need more than 1024 descriptors,
+    50,000 more than the usual hard limit (root may raise it up to fs.nr_open)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if needed > hard != resource.RLIM_INFINITY and os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                hard = min(needed, int(f.read()))
+        except (OSError, ValueError):
+            pass
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -518,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             selected = [dataclasses.replace(s, clients=tuple(c for c in s.clients if c != tool))
                         for s in selected]
 
-    raise_fd_limit()
+    raise_fd_limit(2 * max(s.idle for s in selected) + 4096)
     signal.signal(signal.SIGTERM, _interrupt)
     base = Path(tempfile.mkdtemp(prefix="ccsmtp-bench-"))
     os.chmod(base, 0o755)       # the servers' unprivileged users must reach their dirs

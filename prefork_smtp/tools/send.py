@@ -231,11 +231,14 @@ def server_name(sockaddr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def connect(family: int, sockaddr: tuple, timeout_s: float) -> ClientProtocol:
+async def connect(family: int, sockaddr: tuple, timeout_s: float,
+                  source: str | None = None) -> ClientProtocol:
     loop = asyncio.get_running_loop()
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        if source:
+            sock.bind((source, 0))
         await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout_s)
         _, proto = await loop.create_connection(ClientProtocol, sock=sock)
     except asyncio.TimeoutError:
@@ -534,6 +537,9 @@ class LoadPlan:
     idle: int
     hold_s: float
     rotate: bool = False
+    # Idle connections rotate over these local addresses: one address has ~28,000
+    # ephemeral ports towards one server port (127.0.0.0/8 offers many addresses).
+    sources: tuple[str, ...] = ()
 
     def recipients_of(self, seq: int) -> tuple[str, ...]:
         if self.rotate:
@@ -580,14 +586,16 @@ class Load:
             # a full timeout per IDLE_CONNECT_BURST connections still to try.
             return time.monotonic() - last_greeting > self.plan.timeout_s
 
-        async def one() -> ClientProtocol | None:
+        async def one(n: int) -> ClientProtocol | None:
             nonlocal last_greeting
+            sources = self.plan.sources
             async with gate:
                 if stalled():
                     self.stats.idle_errors["stalled"] += 1
                     return None
                 try:
-                    proto = await connect(self.plan.family, self.plan.sockaddr, self.plan.timeout_s)
+                    proto = await connect(self.plan.family, self.plan.sockaddr, self.plan.timeout_s,
+                                          sources[n % len(sources)] if sources else None)
                 except SMTPClientError as e:
                     self.stats.idle_errors[e.kind] += 1
                     return None
@@ -604,7 +612,7 @@ class Load:
             last_greeting = time.monotonic()
             return proto
 
-        opened = await asyncio.gather(*(one() for _ in range(self.plan.idle)))
+        opened = await asyncio.gather(*(one(n) for n in range(self.plan.idle)))
         held = [proto for proto in opened if proto is not None and not proto.closed]
         self.stats.idle_held = len(held)
         return held
@@ -781,6 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "for --timeout seconds the rest are not tried ('stalled')")
     load.add_argument("--hold", type=_nonnegative_float, default=0.0, metavar="SECONDS",
                       help="with --idle: keep the idle connections this long after the load")
+    load.add_argument("--source", action="append", default=[], metavar="ADDR",
+                      help="with --idle: local address for the idle connections, repeatable "
+                           "(they rotate over them; one address has ~28,000 ports to a server)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -877,7 +888,7 @@ def run_load(args: argparse.Namespace, family: int, sockaddr: tuple) -> int:
                              1024 if args.size is None else args.size, template, args.rotate)
     plan = LoadPlan(family, sockaddr, args.helo, args.mail_from, tuple(args.to), count,
                     min(args.concurrency, max(count, 1)), args.per_connection, args.slow,
-                    args.timeout, args.idle, args.hold, args.rotate)
+                    args.timeout, args.idle, args.hold, args.rotate, tuple(args.source))
     stats = asyncio.run(Load(plan, factory).run())
     result = report(stats, plan, factory.message_size)
     result["run_id"] = run_id
