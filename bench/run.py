@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import MboxCounter, ProcessTree, PssSampler, message_ids  # noqa: E402
@@ -171,6 +173,43 @@ def log(text: str) -> None:
 
 # --- one run ---------------------------------------------------------------------------
 
+def idle_per_process() -> int:
+    """Idle connections one load-client process can hold (its descriptor limit)."""
+    return min(IDLE_PER_SOURCE, resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 2048)
+
+
+def start_holders(s: Scenario, target: Target) -> tuple[list[subprocess.Popen], int]:
+    """D past one process's descriptors: more ccsmtp-send processes hold the idle
+    connections beyond what the measuring client holds, each from its own source
+    address. Returns them and how many connections they hold once settled."""
+    per = idle_per_process()
+    extra = max(0, s.idle - per)
+    holders = []
+    for k in range((extra + per - 1) // per):
+        n = min(per, extra - k * per)
+        holders.append(subprocess.Popen(
+            SEND + ["--server", target.server, "--count", "0", "--idle", str(n), "--hold", "3600",
+                    "--from", SENDER, "--to", f"hold@{DOMAIN}",
+                    "--timeout", str(s.timeout_s), "--source", f"127.0.1.{k + 1}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if not holders:
+        return [], 0
+    held, last_change, previous = 0, time.monotonic(), -1
+    while time.monotonic() - last_change < 5 and held < extra:
+        time.sleep(0.5)
+        held = sum(_established(h.pid) for h in holders)
+        if held != previous:
+            previous, last_change = held, time.monotonic()
+    return holders, held
+
+
+def _established(pid: int) -> int:
+    try:
+        return sum(1 for c in psutil.Process(pid).net_connections("tcp") if c.status == "ESTABLISHED")
+    except psutil.Error:
+        return 0
+
+
 def client_command(s: Scenario, client: str, target: Target, rcpts: list[str]) -> list[str]:
     if client == "smtp-source":
         (rcpt,) = rcpts
@@ -184,18 +223,21 @@ def client_command(s: Scenario, client: str, target: Target, rcpts: list[str]) -
     for rcpt in rcpts:
         cmd += ["--to", rcpt]
     if s.idle:
-        cmd += ["--idle", str(s.idle), "--hold", str(s.hold_s)]
-        # ~28,000 ephemeral ports per local address towards one port: spread past that.
-        for n in range(1, s.idle // IDLE_PER_SOURCE + 2 if s.idle > IDLE_PER_SOURCE else 1):
-            cmd += ["--source", f"127.0.0.{n}"]
+        cmd += ["--idle", str(min(s.idle, idle_per_process())), "--hold", str(s.hold_s)]
     return cmd
 
 
 def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[str]) -> None:
     cmd = client_command(s, client, target, rcpts)
+    holders, held_by_holders = start_holders(s, target) if s.idle else ([], 0)
     started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=max(600, s.count))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=max(600, s.count))
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
     run.wall_s = time.monotonic() - started
     run.requested = s.count
     if client == "smtp-source":
@@ -220,7 +262,7 @@ def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[s
     run.greeting_ms = result["greeting_ms"]
     run.errors = result["errors"]
     if result["idle"]:
-        run.idle_held = result["idle"]["held"]
+        run.idle_held = result["idle"]["held"] + held_by_holders
         if result["idle"]["errors"]:
             run.errors = dict(run.errors, **{f"idle {k}": v
                                              for k, v in result["idle"]["errors"].items()})
@@ -487,7 +529,10 @@ def raise_fd_limit(needed: int = 0) -> None:
                 hard = min(needed, int(f.read()))
         except (OSError, ValueError):
             pass
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):   # no CAP_SYS_RESOURCE: the hard limit stays
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 

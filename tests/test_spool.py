@@ -330,7 +330,8 @@ def test_delivery_appends_each_copy_once_per_mailbox_and_empties_the_queue(spool
     assert oct(os.stat(os.path.join(spool, "alice")).st_mode & 0o777) == oct(cfg.spool_mode)
 
 
-def test_copies_leave_the_queue_only_after_a_flush_covers_the_mailboxes(spool):
+def test_copies_leave_the_queue_only_after_a_flush_covers_the_mailboxes(spool, monkeypatch):
+    monkeypatch.setattr(delivery, "SYNC_BATCH_S", 0.0)
     cfg = make_config(spool)
     first = queued(b"Subject: 1\r\n\r\nx\r\n")
     write(spool, [first])

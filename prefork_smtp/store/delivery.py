@@ -8,9 +8,9 @@ sink's appends are not fsync'ed one by one; delivery asks the log for a syncfs
 (FULL_REQ), which the next group-commit flush of the workers performs anyway --
 so delivery's durability costs no flush of its own while mail arrives, and never
 queues in front of an acknowledgement -- or performs it itself after
-FULL_SYNC_WAIT_S when the log is quiet. Only then are the copies written to the
-segment's done file, data files of large messages removed, and segments whose
-every copy is delivered handed back for reuse.
+FULL_SYNC_WAIT_S when the log is quiet; it asks at most every SYNC_BATCH_S. Only
+then are the copies written to the segment's done file, data files of large
+messages removed, and segments whose every copy is delivered handed back for reuse.
 Must not: speak SMTP or write outside SPOOL (mbox.py enforces safe names).
 Runs as the unprivileged user, one at a time (an OFD lock on
 SPOOL/.ccsmtp/delivery.lock). On TERM it delivers what it can within
@@ -42,7 +42,8 @@ log = logging.getLogger("ccsmtp.local")
 
 ROUND_BYTES = 8 * 1024 * 1024      # at most this much message content in memory a round
 RESCAN_S = 1.0                     # look at the queue at least this often
-FULL_SYNC_WAIT_S = 0.05            # then flush the mailboxes ourselves: the log is quiet
+SYNC_BATCH_S = 0.1                 # ask for a flush of the mailboxes at most this often
+FULL_SYNC_WAIT_S = 0.05            # then flush them ourselves: the log is quiet
 POLL_S = 0.005                     # while waiting for a flush to cover our appends
 ROUND_INTERVAL_S = 0.02            # rounds start at most this often
 DONE_RESCAN_S = 1.0                # done files: the queue tool's removals, looked for this often
@@ -97,6 +98,7 @@ class Delivery:
         self._unsynced: list[tuple[int, int, str]] = []
         self._sync_wanted = 0            # FULL_REQ number that covers _unsynced
         self._sync_asked_at = 0.0
+        self._unsynced_since = 0.0
         self._done_rescan_at = 0.0
         self._stopping = False
         self._quitting = False
@@ -167,7 +169,7 @@ class Delivery:
             if stop_by is not None:
                 time.sleep(0.05)
             elif self._unsynced:
-                self._wait(POLL_S)
+                self._wait(POLL_S if self._sync_wanted else SYNC_BATCH_S / 2)
             else:
                 self._wait(self._next_retry_in())
             # Under load, let copies gather: one lock and one write per mailbox then
@@ -361,6 +363,8 @@ class Delivery:
                 self._log_copy(entry, entry.left.pop(mailbox), "sent",
                                f"delivered to mailbox {mailbox}")
                 entry.unsynced.add(mailbox)
+                if not durable and not self._unsynced:
+                    self._unsynced_since = now
                 (released if durable else self._unsynced).append(
                     (state.segment.base, entry.lsn, mailbox))
                 self.retry_at.pop(mailbox, None)
@@ -383,6 +387,12 @@ class Delivery:
         if self._unsynced:
             now = time.monotonic()
             if not self._sync_wanted:
+                # A syncfs writes back every dirty page of the file system: on a real
+                # disk it costs more than a commit's fdatasync, so one carries the
+                # appends of SYNC_BATCH_S rather than every commit being one.
+                if not force and now - self._unsynced_since < SYNC_BATCH_S:
+                    self._free_segments()
+                    return
                 self._sync_wanted = self.log.request_full_sync()
                 self._sync_asked_at = now
             if not self.log.full_synced(self._sync_wanted):

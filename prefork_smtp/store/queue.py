@@ -42,6 +42,12 @@ Reading (delivery, the queue tool): records up to the synced point, in LSN order
 Delivery frees a segment (base 0) once every copy in it is delivered and durable, and
 no record will be added (a later segment exists); a writer reuses free segments first.
 
+The read side, for delivery and the ccsmtp-queue tool (safe while the server runs):
+queued() lists the messages with copies still to deliver (queue ID, time, size,
+sender, the recipients left, where the record is); remove_copy() takes one copy out
+(a "-" line in the done file, which delivery reads on its next rescan); mark_done()
+records delivered copies; Log.segments() and Log.read() walk the records.
+
 Recovery (recover(), at start-up, before any worker or delivery runs): every segment
 is scanned; its records stop at the first one that does not check (a torn write, the
 zeros of a fresh segment or a stale record), which cannot hide an acknowledged
