@@ -81,7 +81,13 @@ def plot_d(runs: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(held, fresh, "-o", color="tab:blue", label="slowest fresh client's 220 (ms)")
     ax.axhline(100, color="tab:blue", linestyle=":", linewidth=1, label="100 ms")
-    ax.set_xlabel("idle connections held by ccsmtp (-w 2)")
+    for h, f, r in zip(held, fresh, mine):
+        if f != f:   # NaN: no fresh client was greeted
+            ax.annotate(f"{r.get('idle_requested', h):,} asked, {h:,} held:\nno fresh client greeted in 5 s",
+                        (h, 0), xytext=(h, 25), ha="right", fontsize=7, color="tab:red",
+                        arrowprops={"arrowstyle": "->", "color": "tab:red"})
+    workers = sorted({r["workers"] for r in mine})
+    ax.set_xlabel(f"idle connections held by ccsmtp (-w {', '.join(map(str, workers))})")
     ax.set_ylabel("fresh client connect..220, ms", color="tab:blue")
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
@@ -90,7 +96,7 @@ def plot_d(runs: list[dict], out: Path) -> None:
     ax2.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper left")
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center left")
     ax.grid(alpha=0.3)
     fig.suptitle("D: idle connections held, and a fresh client meanwhile", fontsize=11)
     fig.tight_layout()

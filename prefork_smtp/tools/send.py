@@ -49,6 +49,7 @@ WRITE_CHUNK = 256 * 1024
 # Connect attempts in flight at once while opening idle connections: a SYN burst
 # of 10,000 overflows the server's backlog and turns into 1 s retransmissions.
 IDLE_CONNECT_BURST = 256
+IDLE_CONNECT_TRIES = 3
 FILLER_WIDTH = 76
 MESSAGE_ID_DOMAIN = "ccsmtp-send.invalid"
 
@@ -593,12 +594,17 @@ class Load:
                 if stalled():
                     self.stats.idle_errors["stalled"] += 1
                     return None
-                try:
-                    proto = await connect(self.plan.family, self.plan.sockaddr, self.plan.timeout_s,
-                                          sources[n % len(sources)] if sources else None)
-                except SMTPClientError as e:
-                    self.stats.idle_errors[e.kind] += 1
-                    return None
+                for attempt in range(IDLE_CONNECT_TRIES):
+                    try:
+                        proto = await connect(self.plan.family, self.plan.sockaddr,
+                                              self.plan.timeout_s,
+                                              sources[n % len(sources)] if sources else None)
+                        break
+                    except SMTPClientError as e:
+                        # A SYN dropped by a full accept queue: retry, as a real client.
+                        if attempt + 1 == IDLE_CONNECT_TRIES or e.kind != "connect" or stalled():
+                            self.stats.idle_errors[e.kind] += 1
+                            return None
             try:
                 (greeting,) = await proto.read(1, self.plan.timeout_s, "the connection (greeting)")
             except SMTPClientError as e:
