@@ -782,8 +782,9 @@ def recover(spool_dir: str) -> int:
 
 
 def _rebuild(log: Log) -> int:
-    log._lock(APPEND_LOCK)
+    # Always SYNC_LOCK before APPEND_LOCK (as a flush takes them): no deadlock.
     log._lock(SYNC_LOCK)
+    log._lock(APPEND_LOCK)
     try:
         ctl = log._ctl
         ctl[:HEADER_BYTES] = bytes(HEADER_BYTES)
@@ -825,8 +826,8 @@ def _rebuild(log: Log) -> int:
                 removed += 1
         return removed
     finally:
-        log._unlock(SYNC_LOCK)
         log._unlock(APPEND_LOCK)
+        log._unlock(SYNC_LOCK)
 
 
 # --- the read side, for delivery and the queue tool ---------------------------------
