@@ -9,6 +9,10 @@ one table (and, with --json-out, every raw run).
 
     python3 bench/run.py --quick        # seconds: a smoke run
     python3 bench/run.py                # the full run (about 12 minutes on 2 cores)
+    python3 bench/run.py --disks fast,2,8   # and A, B, E again with 2 ms and 8 ms flushes
+
+Every server's fsync-family calls go through bench/slowsync.c (LD_PRELOAD), a model
+of a device whose cache flush takes F ms (see slowdisk.py); F is 0 on the fast disk.
 
 Needs root for Postfix (its own instance via `postfix -c DIR`); without root, or
 without the postfix package, the Postfix column is skipped and ratios are empty.
@@ -32,15 +36,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import MboxCounter, ProcessTree, PssSampler, message_ids  # noqa: E402
 from servers import DOMAIN, REPO, TARGETS, BenchError, Target  # noqa: E402
+import slowdisk  # noqa: E402
 
 SEND = [sys.executable, str(REPO / "bin" / "ccsmtp-send")]
 SENDER = "bench@bench.test"
 SMTP_SOURCE_HEADERS = 130      # what smtp-source adds to its -l payload, roughly
 DELIVERY_TIMEOUT_S = 60.0
+IDLE_PER_SOURCE = 20000
 MB = 1e6
 
 
@@ -68,11 +76,18 @@ SPREAD = 20
 # smtp-source runs (a cross-check of A and C by a C client) in the first rounds only:
 # the full run must stay within about 15 minutes.
 SOURCE_ROUNDS = 2
+# What runs on a slow disk (issue 12): the scenarios whose numbers the flush decides.
+SLOW_DISK_SCENARIOS = "ABE"
 
 
-def scenarios(quick: bool) -> list[Scenario]:
+def disk_ms(disk: str) -> float:
+    """'fast' (the real disk) or a flush time in ms ('8', '8ms')."""
+    return 0.0 if disk == "fast" else float(disk.removesuffix("ms"))
+
+
+def scenarios(quick: bool, idle: int | None = None) -> list[Scenario]:
     q = quick
-    idle = 300 if q else 10000
+    idle = idle or (300 if q else 10000)
     probes = 1 if q else 3
     return [
         Scenario("A", "1 KB, new connection per message, 20 sessions",
@@ -100,6 +115,10 @@ class Run:
     target: str
     round: int
     mailboxes: tuple[str, ...]
+    disk: str = "fast"
+    workers: int = 2
+    sync_calls: int = 0          # fsync-family calls the server made during the run
+    flushes: int = 0             # flushes its modelled device started (slow disks)
     requested: int = 0
     accepted: int = 0
     failed: int = 0
@@ -138,6 +157,14 @@ class Run:
     def cpu_ms_per_msg(self) -> float | None:
         return self.cpu_s * 1000 / self.accepted if self.accepted else None
 
+    @property
+    def syncs_per_msg(self) -> float | None:
+        return self.sync_calls / self.accepted if self.accepted else None
+
+    @property
+    def flushes_per_msg(self) -> float | None:
+        return self.flushes / self.accepted if self.accepted and self.flushes else None
+
 
 def log(text: str) -> None:
     sys.stderr.write(text + "\n")
@@ -145,6 +172,43 @@ def log(text: str) -> None:
 
 
 # --- one run ---------------------------------------------------------------------------
+
+def idle_per_process() -> int:
+    """Idle connections one load-client process can hold (its descriptor limit)."""
+    return min(IDLE_PER_SOURCE, resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 2048)
+
+
+def start_holders(s: Scenario, target: Target) -> tuple[list[subprocess.Popen], int]:
+    """D past one process's descriptors: more ccsmtp-send processes hold the idle
+    connections beyond what the measuring client holds, each from its own source
+    address. Returns them and how many connections they hold once settled."""
+    per = idle_per_process()
+    extra = max(0, s.idle - per)
+    holders = []
+    for k in range((extra + per - 1) // per):
+        n = min(per, extra - k * per)
+        holders.append(subprocess.Popen(
+            SEND + ["--server", target.server, "--count", "0", "--idle", str(n), "--hold", "3600",
+                    "--from", SENDER, "--to", f"hold@{DOMAIN}",
+                    "--timeout", str(s.timeout_s), "--source", f"127.0.1.{k + 1}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if not holders:
+        return [], 0
+    held, last_change, previous = 0, time.monotonic(), -1
+    while time.monotonic() - last_change < 5 and held < extra:
+        time.sleep(0.5)
+        held = sum(_established(h.pid) for h in holders)
+        if held != previous:
+            previous, last_change = held, time.monotonic()
+    return holders, held
+
+
+def _established(pid: int) -> int:
+    try:
+        return sum(1 for c in psutil.Process(pid).net_connections("tcp") if c.status == "ESTABLISHED")
+    except psutil.Error:
+        return 0
+
 
 def client_command(s: Scenario, client: str, target: Target, rcpts: list[str]) -> list[str]:
     if client == "smtp-source":
@@ -159,15 +223,21 @@ def client_command(s: Scenario, client: str, target: Target, rcpts: list[str]) -
     for rcpt in rcpts:
         cmd += ["--to", rcpt]
     if s.idle:
-        cmd += ["--idle", str(s.idle), "--hold", str(s.hold_s)]
+        cmd += ["--idle", str(min(s.idle, idle_per_process())), "--hold", str(s.hold_s)]
     return cmd
 
 
 def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[str]) -> None:
     cmd = client_command(s, client, target, rcpts)
+    holders, held_by_holders = start_holders(s, target) if s.idle else ([], 0)
     started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=max(600, s.count))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=max(600, s.count))
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
     run.wall_s = time.monotonic() - started
     run.requested = s.count
     if client == "smtp-source":
@@ -192,7 +262,7 @@ def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[s
     run.greeting_ms = result["greeting_ms"]
     run.errors = result["errors"]
     if result["idle"]:
-        run.idle_held = result["idle"]["held"]
+        run.idle_held = result["idle"]["held"] + held_by_holders
         if result["idle"]["errors"]:
             run.errors = dict(run.errors, **{f"idle {k}": v
                                              for k, v in result["idle"]["errors"].items()})
@@ -234,8 +304,9 @@ def verify(run: Run, target: Target) -> None:
 
 
 def run_one(s: Scenario, client: str, target: Target, rnd: int,
-            mailboxes: tuple[str, ...]) -> Run:
-    run = Run(s.key, client, target.name, rnd, mailboxes)
+            mailboxes: tuple[str, ...], disk: str = "fast") -> Run:
+    run = Run(s.key, client, target.name, rnd, mailboxes, disk, target.workers)
+    calls_before, flushes_before = target.device.counters()
     tree = ProcessTree(target.root_pid())
     run.tree_pss_before = tree.pss() if s.idle else 0
     tree.reset_peaks()
@@ -247,10 +318,12 @@ def run_one(s: Scenario, client: str, target: Target, rnd: int,
         run_client(run, s, client, target, [f"{m}@{DOMAIN}" for m in mailboxes])
         wait_delivered(run, target, started)
     run.cpu_s = tree.cpu_s() - cpu_before
+    calls_after, flushes_after = target.device.counters()
+    run.sync_calls, run.flushes = calls_after - calls_before, flushes_after - flushes_before
     run.peak_rss_max, run.peak_rss_sum = tree.peak_rss()
     run.tree_pss_peak = sampler.peak
     verify(run, target)
-    log(f"  {s.key} r{rnd} {client:11} {target.name:9} " + summary(run))
+    log(f"  {disk:>4} {s.key} r{rnd} {client:11} {target.name:9} " + summary(run))
     return run
 
 
@@ -271,28 +344,35 @@ def summary(run: Run) -> str:
 
 # --- the plan ----------------------------------------------------------------------------
 
-def plan(selected: list[Scenario], targets: list[str], rounds: int) -> list[tuple]:
-    """(scenario, client, target, round, mailboxes) in the order they run.
+def plan(selected: list[Scenario], targets: list[str], rounds: int,
+         disks: tuple[str, ...] = ("fast",)) -> list[tuple]:
+    """(disk, scenario, client, target, round, mailboxes) in the order they run.
 
     Each round rotates the order of the servers so that none is always first (when
-    the page cache is cold) or last; D runs at the very end because 10,000 idle
-    connections leave the most behind in a server's memory.
+    the page cache is cold) or last; D runs at the very end of the fast-disk phase
+    because 10,000 idle connections leave the most behind in a server's memory. Slow
+    disks run A, B and E with ccsmtp-send, after the fast disk.
     """
     steps, shift = [], 0
-    for rnd in range(1, rounds + 1):
-        for s in selected:
-            if not s.every_round and rnd != rounds:
-                continue
-            for client in s.clients:
-                if client == "smtp-source" and rnd > SOURCE_ROUNDS:
+    for disk in disks:
+        chosen = selected if disk == "fast" else \
+            [dataclasses.replace(s, clients=("ccsmtp-send",)) for s in selected
+             if s.key in SLOW_DISK_SCENARIOS]
+        tag = "" if disk == "fast" else f"{disk.removesuffix('ms')}ms-"
+        for rnd in range(1, rounds + 1):
+            for s in chosen:
+                if not s.every_round and rnd != rounds:
                     continue
-                order = targets[shift % len(targets):] + targets[:shift % len(targets)]
-                shift += 1
-                for name in order:
-                    box = f"{s.key}{rnd}-{client.split('-')[-1]}-{name}".lower()
-                    spread = s.spread if client == "ccsmtp-send" else 1
-                    boxes = tuple(f"{box}-{i}" for i in range(spread)) if spread > 1 else (box,)
-                    steps.append((s, client, name, rnd, boxes))
+                for client in s.clients:
+                    if client == "smtp-source" and rnd > SOURCE_ROUNDS:
+                        continue
+                    order = targets[shift % len(targets):] + targets[:shift % len(targets)]
+                    shift += 1
+                    for name in order:
+                        box = f"{tag}{s.key}{rnd}-{client.split('-')[-1]}-{name}".lower()
+                        spread = s.spread if client == "ccsmtp-send" else 1
+                        boxes = tuple(f"{box}-{i}" for i in range(spread)) if spread > 1 else (box,)
+                        steps.append((disk, s, client, name, rnd, boxes))
     return steps
 
 
@@ -308,6 +388,9 @@ of the server's whole process tree (delivery included) per accepted message. pea
 the largest single server process (VmHWM, reset before each run). x PF: this server /
 Postfix in the same round, median over rounds: A-C messages/s, D connections held,
 E and F Postfix's time / this one's (above 1 is faster than Postfix).
+syncs/msg: fsync-family calls of the server's processes per accepted message;
+flushes/msg: flushes its modelled device started per accepted message (slow disks). x aio:
+the same ratio against aiosmtpd-durable.
 Rows of A, B, C and E are medians over the rounds (smtp-source: the first %d rounds).
 A-C with ccsmtp-send rotate over %d mailboxes; smtp-source sends all to one mailbox and
 speaks HELO, without PIPELINING.""" % (SOURCE_ROUNDS, SPREAD)
@@ -318,16 +401,17 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def ratio(runs: list[Run], scenario: str, client: str, target: str, metric, invert=False):
-    """Median over rounds of METRIC(target) / METRIC(postfix), same round."""
+def ratio(runs: list[Run], scenario: str, client: str, target: str, metric, invert=False,
+          base: str = "postfix"):
+    """Median over rounds of METRIC(target) / METRIC(base), same round (RUNS: one disk)."""
     by_round: dict[int, dict[str, Run]] = {}
     for r in runs:
         if r.scenario == scenario and r.client == client:
             by_round.setdefault(r.round, {})[r.target] = r
     ratios = []
     for pair in by_round.values():
-        if target in pair and "postfix" in pair:
-            a, b = metric(pair[target]), metric(pair["postfix"])
+        if target in pair and base in pair:
+            a, b = metric(pair[target]), metric(pair[base])
             if a and b:
                 ratios.append(b / a if invert else a / b)
     return median(ratios)
@@ -337,20 +421,28 @@ def fmt(value, spec: str = ".0f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def table(runs: list[Run], selected: list[Scenario], targets: list[str]) -> str:
-    header = ["scen", "client", "server", "acc msg/s", "dlv msg/s", "MB/s", "p50 ms",
-              "p99 ms", "CPU ms/msg", "peak RSS MB", "x PF acc", "x PF dlv", "notes"]
-    rows = [header]
+HEADER = ["scen", "client", "server", "acc msg/s", "dlv msg/s", "MB/s", "p50 ms", "p99 ms",
+          "CPU ms/msg", "peak RSS MB", "syncs/msg", "flushes/msg", "x PF acc", "x PF dlv",
+          "x aio acc", "notes"]
+
+
+def table(runs: list[Run], selected: list[Scenario], targets: list[str], disk: str = "fast") -> str:
+    runs = [r for r in runs if r.disk == disk]
+    rows = [HEADER]
     for s in selected:
         for client in s.clients:
             for name in targets:
                 mine = [r for r in runs if (r.scenario, r.client, r.target) == (s.key, client, name)]
                 if mine:
                     rows.append(row(s, client, name, mine, runs))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return markdown(rows)
+
+
+def markdown(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, r in enumerate(rows):
-        cells = [c.ljust(w) if j in (0, 1, 2, len(header) - 1) else c.rjust(w)
+        cells = [c.ljust(w) if j in (0, 1, 2, len(rows[0]) - 1) else c.rjust(w)
                  for j, (c, w) in enumerate(zip(r, widths))]
         lines.append("| " + " | ".join(cells) + " |")
         if i == 0:
@@ -363,6 +455,8 @@ def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -
     dlv = median([r.delivered_per_s for r in mine])
     mbs = median([r.mb_per_s for r in mine])
     cpu = median([r.cpu_ms_per_msg for r in mine])
+    syncs = median([r.syncs_per_msg for r in mine])
+    flushes = median([r.flushes_per_msg for r in mine])
     rss = max(r.peak_rss_max for r in mine) / 2**20
     if s.key == "E":
         lat = [r.session_ms for r in mine]          # connect..221
@@ -373,13 +467,15 @@ def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -
     p50 = median([d.get("p50") for d in lat])
     p99 = median([d.get("p99") for d in lat])
     notes = []
-    x_acc = x_dlv = None
+    x_acc = x_dlv = x_aio = None
     if s.key in "ABC":
         x_acc = ratio(runs, s.key, client, name, lambda r: r.accepted_per_s)
         x_dlv = ratio(runs, s.key, client, name, lambda r: r.delivered_per_s)
+        x_aio = ratio(runs, s.key, client, name, lambda r: r.accepted_per_s, base="aiosmtpd")
     elif s.key == "E":
         x_acc = ratio(runs, s.key, client, name, lambda r: r.session_ms.get("p50"), invert=True)
-
+        x_aio = ratio(runs, s.key, client, name, lambda r: r.session_ms.get("p50"), invert=True,
+                      base="aiosmtpd")
     elif s.key == "F":
         r = mine[-1]
         notes.append(f"{r.message_size / 2**20:.0f} MiB in {r.client_elapsed_s:.2f} s")
@@ -393,7 +489,7 @@ def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -
         notes.append(f"held {held}/{s.idle}, {fmt(per_conn, '.1f')} KB/idle conn, {fresh}, "
                      f"{r.accepted}/{r.requested} fresh msgs ok")
         x_acc = ratio(runs, s.key, client, name, lambda r: r.idle_held)
-        acc = dlv = mbs = cpu = None
+        acc = dlv = mbs = cpu = syncs = flushes = None
     problems = sorted({p for r in mine for p in r.problems})
     errors: dict[str, int] = {}
     for r in mine:
@@ -403,8 +499,9 @@ def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -
         notes.append("errors " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
     notes.extend(problems)
     return [s.key, client, name, fmt(acc), fmt(dlv), fmt(mbs, ".2f"), fmt(p50, ".1f"),
-            fmt(p99, ".1f"), fmt(cpu, ".2f"), fmt(rss, ".1f"), fmt(x_acc, ".2f"),
-            fmt(x_dlv, ".2f"), "; ".join(notes)]
+            fmt(p99, ".1f"), fmt(cpu, ".2f"), fmt(rss, ".1f"), fmt(syncs, ".2f"),
+            fmt(flushes, ".2f"), fmt(x_acc, ".2f"), fmt(x_dlv, ".2f"), fmt(x_aio, ".2f"),
+            "; ".join(notes)]
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -422,10 +519,20 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def raise_fd_limit() -> None:
-    """Servers inherit this: 10,000 idle connections need more than 1024 descriptors."""
+def raise_fd_limit(needed: int = 0) -> None:
+    """Servers inherit this: 10,000 idle connections need more than 1024 descriptors,
+    50,000 more than the usual hard limit (root may raise it up to fs.nr_open)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    if needed > hard != resource.RLIM_INFINITY and os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                hard = min(needed, int(f.read()))
+        except (OSError, ValueError):
+            pass
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):   # no CAP_SYS_RESOURCE: the hard limit stays
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -440,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", default="ABCDEF", help="which scenarios (default: ABCDEF)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"servers to run (default: {','.join(TARGETS)})")
+    p.add_argument("--disks", default="fast",
+                   help="disk phases: 'fast' and/or flush times in ms, e.g. fast,2,8 (default: "
+                        f"fast); slow disks run {', '.join(SLOW_DISK_SCENARIOS)} only")
+    p.add_argument("--workers", type=int, default=2, help="ccsmtp's -w (default 2)")
+    p.add_argument("--idle", type=int, default=None, help="D: idle connections (default 10000)")
     p.add_argument("--json-out", metavar="FILE", help="write every run as JSON to FILE")
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
     args = p.parse_args(argv)
@@ -448,16 +560,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in wanted if t not in TARGETS]
     if unknown:
         p.error(f"unknown target {unknown[0]!r} (known: {', '.join(TARGETS)})")
-    selected = [s for s in scenarios(args.quick) if s.key in args.scenarios.upper()]
+    selected = [s for s in scenarios(args.quick, args.idle) if s.key in args.scenarios.upper()]
     if not selected:
         p.error("no scenario selected")
+    try:
+        disks = tuple(d.strip() for d in args.disks.split(",") if d.strip())
+        slow = any(disk_ms(d) for d in disks)
+    except ValueError:
+        p.error(f"--disks: 'fast' or milliseconds, not {args.disks!r}")
     for tool in ("smtp-source",):
         if shutil.which(tool) is None:
             log(f"bench: {tool} not found (Debian package postfix): its runs are skipped")
             selected = [dataclasses.replace(s, clients=tuple(c for c in s.clients if c != tool))
                         for s in selected]
 
-    raise_fd_limit()
+    raise_fd_limit(2 * max(s.idle for s in selected) + 4096)
     signal.signal(signal.SIGTERM, _interrupt)
     base = Path(tempfile.mkdtemp(prefix="ccsmtp-bench-"))
     os.chmod(base, 0o755)       # the servers' unprivileged users must reach their dirs
@@ -465,12 +582,20 @@ def main(argv: list[str] | None = None) -> int:
     started: dict[str, Target] = {}
     runs: list[Run] = []
     skipped: list[str] = []
-    steps = plan(selected, wanted, rounds)
+    steps = plan(selected, wanted, rounds, disks)
     try:
+        shim = None
+        try:
+            shim = slowdisk.build(base)
+        except slowdisk.ShimError as e:
+            if slow:
+                log(f"bench: {e}")
+                return 2
+            log(f"bench: {e}; no sync counts")
         for name in wanted:
-            target = TARGETS[name](base)
+            target = TARGETS[name](base, shim, args.workers)
             try:
-                target.start(sorted({m for _, _, t, _, ms in steps if t == name for m in ms}))
+                target.start(sorted({m for _, _, _, t, _, ms in steps if t == name for m in ms}))
             except BenchError as e:
                 log(f"bench: {e}: skipped")
                 skipped.append(f"{name} ({e})")
@@ -479,15 +604,20 @@ def main(argv: list[str] | None = None) -> int:
             started[name] = target
             log(f"bench: {name} on {target.server} (pid {target.root_pid()})")
         targets = [t for t in wanted if t in started]
-        previous = None
-        for s, client, name, rnd, mailboxes in steps:
+        previous, current_disk = None, None
+        for disk, s, client, name, rnd, mailboxes in steps:
+            if disk != current_disk:
+                log(f"bench: disk {disk}" + (f" ({disk_ms(disk):g} ms per flush)" if disk_ms(disk) else ""))
+                for target in started.values():
+                    target.device.set_flush_ms(disk_ms(disk))
+                current_disk = disk
             if s.fresh and previous is not s:
                 log(f"bench: restarting the servers for {s.key}")
                 for target in started.values():
                     target.restart()
             previous = s
             if name in started:
-                runs.append(run_one(s, client, started[name], rnd, mailboxes))
+                runs.append(run_one(s, client, started[name], rnd, mailboxes, disk))
     except KeyboardInterrupt:
         log("bench: interrupted; stopping the servers")
         return 130
@@ -501,13 +631,18 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - began
     mode = "quick" if args.quick else "full"
     print(f"ccsmtp bench ({mode}, {rounds} round(s), {elapsed:.0f} s), "
-          f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}")
+          f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}, "
+          f"ccsmtp -w {args.workers}")
     for s in selected:
         print(f"  {s.key}: {s.title}; {s.count} msgs, {s.size} bytes")
     if skipped:
         print("  skipped: " + "; ".join(skipped))
-    print()
-    print(table(runs, selected, targets))
+    for disk in disks:
+        print()
+        print("Fast disk (the VM's own)" if disk == "fast" else
+              f"Slow disk: every flush {disk_ms(disk):g} ms (bench/slowsync.c)")
+        print()
+        print(table(runs, selected, targets, disk))
     print()
     print(LEGEND)
     if args.json_out:

@@ -2,7 +2,8 @@
 
 Owns: writing each server's configuration, starting it, knowing its process tree
 and where its mbox files appear, and stopping it (and everything it started).
-- ccsmtp: bin/ccsmtp-master -w 2, spool of per-recipient mbox files.
+- ccsmtp: bin/ccsmtp-master -w 2 (or -w N for the scaling curve), spool of
+  per-recipient mbox files.
 - Postfix: a private instance (`postfix -c DIR`) with its own main.cf, master.cf,
   queue and data directories, delivering through virtual(8) to one mbox file per
   recipient. Needs root (Postfix's master runs as root, daemons as `postfix`).
@@ -10,6 +11,9 @@ and where its mbox files appear, and stopping it (and everything it started).
   fsyncs before 250; installed on demand into a cache directory, never a runtime
   dependency of ccsmtp.
 - smtp-sink: Postfix's test sink; stores nothing (the no-storage ceiling).
+Every server runs with the slow-disk shim preloaded when the bench built it
+(slowdisk.py): its syncs then go through its own modelled device, whose flush time
+the bench sets per phase (0 in the fast-disk phase: the shim then only counts).
 Must not: listen anywhere but 127.0.0.1.
 """
 
@@ -26,6 +30,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from slowdisk import Device
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -78,13 +84,15 @@ class Target:
     name = ""
     stores = True               # False: nothing is delivered (smtp-sink)
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, shim: Path | None = None, workers: int = 2):
         self.dir = base / self.name
         self.dir.mkdir(mode=0o755)
         self.mailboxes: list[str] = []
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "log"
+        self.workers = workers
+        self.device = Device(self.dir / "device", shim)
 
     @property
     def server(self) -> str:
@@ -116,6 +124,7 @@ class Target:
             self.proc.wait(10)
 
     def _spawn(self, args: list[str], env: dict | None = None) -> None:
+        env = dict(env or os.environ, **self.device.env())
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, env=env, cwd=self.dir)
@@ -132,7 +141,7 @@ class Ccsmtp(Target):
         # Scenario D holds 10,000 connections from 127.0.0.1; Postfix exempts
         # $mynetworks from its per-client limit by default, this does the same.
         config.write_text("max_connections_per_client = 0\n")
-        args = [sys.executable, str(REPO / "bin" / "ccsmtp-master"), "-w", "2",
+        args = [sys.executable, str(REPO / "bin" / "ccsmtp-master"), "-w", str(self.workers),
                 "-l", self.server, "-s", str(self.spool), "-d", DOMAIN, "-c", str(config),
                 "--max-size", str(MAX_SIZE), "--hostname", "ccsmtp.bench.test",
                 "--log-file", str(self.dir / "ccsmtp.log")]
@@ -219,17 +228,26 @@ maillog_file_prefixes = {self.dir}
 maillog_file = {self.dir}/maillog
 biff = no
 smtputf8_enable = no
+import_environment = {self._import_environment()}
 """)
         # Postfix refuses $1 substitution in mailbox maps, so every mailbox is listed.
         (conf / "vmailbox").write_text("".join(f"{m}@{DOMAIN} {m}\n" for m in mailboxes))
         (conf / "master.cf").write_text(self.MASTER_CF.format(listen=self.server))
         self.conf = conf
         result = subprocess.run(["postfix", "-c", str(conf), "start"], capture_output=True,
-                                text=True, stdin=subprocess.DEVNULL)
+                                text=True, stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, **self.device.env()))
         if result.returncode != 0:
             raise BenchError(f"postfix start failed: {self._maillog_tail()}")
         self.pidfile = queue / "pid" / "master.pid"
         wait_for_greeting(self.port, None, self.name, self.dir / "maillog")
+
+    def _import_environment(self) -> str:
+        # Postfix's master cleans its children's environment: the shim goes through
+        # import_environment (Postfix's default list, plus the shim's variables).
+        default = _postconf("import_environment")
+        extra = " ".join(f"{k}={v}" for k, v in self.device.env().items())
+        return f"{default} {extra}".strip()
 
     def _maillog_tail(self) -> str:
         log = self.dir / "maillog"

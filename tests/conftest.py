@@ -36,6 +36,8 @@ from typing import Callable, Iterator
 import psutil
 import pytest
 
+from prefork_smtp.store import queue as ccsmtp_queue
+
 REPO = Path(__file__).resolve().parent.parent
 MASTER = REPO / "bin" / "ccsmtp-master"
 DOMAIN = "example.org"
@@ -330,11 +332,14 @@ class Server:
                                      f"--- server log:\n{self.stderr()[-4000:]}")
             time.sleep(0.02)
 
+    def queued(self) -> list[str]:
+        """Queue IDs of messages with copies not yet delivered (and durable)."""
+        return [entry.queue_id for entry in ccsmtp_queue.queued(str(self.spool))]
+
     def wait_for_empty_queue(self, timeout: float = 5.0) -> None:
-        """Delivery removes a batch just after its mailboxes have it: wait for that."""
-        queue_dir = self.spool / ".ccsmtp" / "queue"
+        """A copy leaves the queue just after its mailbox has it durably: wait for that."""
         deadline = time.monotonic() + timeout
-        while any(queue_dir.iterdir()):
+        while self.queued():
             if time.monotonic() > deadline:
                 raise AssertionError(f"queue not empty after {timeout} s\n{self.stderr()[-3000:]}")
             time.sleep(0.01)

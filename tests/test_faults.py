@@ -348,7 +348,8 @@ def data_reply(server: Server, rcpt: str, content: bytes) -> tuple[socket.socket
 
 def queue_leftovers(server: Server) -> dict[str, list[str]]:
     state = server.spool / ".ccsmtp"
-    return {name: sorted(os.listdir(state / name)) for name in ("queue", "tmp", "data", "done")}
+    leftovers = {name: sorted(os.listdir(state / name)) for name in ("tmp", "data")}
+    return dict(leftovers, queued=server.queued())
 
 
 def sized_message(message_id: str, size: int) -> bytes:

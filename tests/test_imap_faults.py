@@ -21,8 +21,8 @@ change through NOOP's EXPUNGE and EXISTS responses: its sequence numbers must ma
 the mailbox's. The figures are printed and appended to RELIABILITY_LOG.
 
 Also here: the worker's RSS with a 10,000-message mailbox open and fetched in 20
-sessions, and (a strict xfail, store/mbox.py) a stale dot-lock broken by delivery and
-an expunge at once.
+sessions, and a stale dot-lock broken by delivery and an expunge at once (each writer
+checks, once it holds the kernel lock, that the file is still SPOOL/NAME).
 
 CCSMTP_IMAP_KILLS (default 200) sets the number of kill iterations, CCSMTP_IMAP_KILL_SECONDS
 (default 35) a time after which no new one starts.
@@ -667,13 +667,6 @@ def test_twenty_sessions_on_a_10000_message_mailbox_keep_one_worker_under_100_mb
 DEAD_PID = 99_999_999          # above any pid_max: kill(pid, 0) says ESRCH
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store/mbox.py: two processes that find the same dead owner's dot-lock both break it "
-    "(read pid, see it dead, unlink: the second unlink removes the first one's new lock), "
-    "both then 'hold' NAME.lock, and mbox.append() never checks that the file it opened "
-    "and locked is still SPOOL/NAME: an expunge renames its rewrite over the mailbox "
-    "while delivery waits for the fcntl lock on the old inode, delivery appends to the "
-    "unlinked file and reports success - the message is lost"))
 def test_a_delivery_and_an_expunge_breaking_the_same_stale_dot_lock_lose_no_mail(
         tmp_path, monkeypatch):
     """After kill -9 of a process holding SPOOL/alice.lock (an expunging worker, or

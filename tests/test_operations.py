@@ -320,8 +320,9 @@ def test_usr1_reopens_the_log_file(start_server, work_dir):
     wait_until(lambda: "SIGUSR1" in log_file.read_text(), 5, "master logs to the new file")
     server.send([f"alice@{DOMAIN}"], make_message("<rotated@test>"))
     server.wait_for_messages("alice", 1)
-    text = wait_until(lambda: (t := log_file.read_text()) and "status=sent" in t and t, 5,
-                      "delivery logs to the new file")
+    # Workers write their lines in batches (logs.BATCH_S): wait for both processes.
+    text = wait_until(lambda: (t := log_file.read_text()) and "status=sent" in t
+                      and "ccsmtp/smtpd[" in t and t, 5, "delivery and workers log to the new file")
     assert "ccsmtp/smtpd[" in text and "SIGUSR1" in text
     assert "status=sent" not in rotated.read_text()
 

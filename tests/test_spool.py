@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefork_smtp import config
-from prefork_smtp.store import delivery, mbox, queue
+from prefork_smtp.store import delivery, mbox, queue, sink
 from prefork_smtp.store.envelope import Envelope, Recipient
 
 ENVELOPE = Envelope(
@@ -34,7 +34,7 @@ ENVELOPE = Envelope(
 def spool(tmp_path):
     path = str(tmp_path / "spool")
     os.mkdir(path)
-    queue.make_dirs(path)
+    queue.recover(path)
     return path
 
 
@@ -43,9 +43,41 @@ def make_config(spool_dir: str) -> config.Config:
                          "domains": ["example.org"], "hostname": "mx.example.org"})
 
 
+IDS = queue.QueueIds()
+
+
 def queued(content: bytes, envelope: Envelope = ENVELOPE) -> queue.QueuedMessage:
-    return queue.QueuedMessage(queue.QueueIds().next(), envelope, time.time(), content,
-                               size=len(content))
+    return queue.QueuedMessage(IDS.next(), envelope, time.time(), content, size=len(content))
+
+
+def write(spool_dir: str, messages: list[queue.QueuedMessage], full: bool = False) -> int:
+    """Append messages to the log and flush, as a worker's committer does."""
+    log = queue.Log(spool_dir)
+    try:
+        end = log.append([queue.encode_payload(m) for m in messages], full)
+        log.sync(end)
+        return end
+    finally:
+        log.close()
+
+
+def read_all(spool_dir: str) -> list[queue.QueuedMessage]:
+    log = queue.Log(spool_dir)
+    try:
+        out = []
+        for segment in log.segments():
+            records, _, _ = log.read(segment, segment.base)
+            out += [queue.decode_payload(p, lsn) for lsn, cancelled, p in records if not cancelled]
+        return out
+    finally:
+        log.close()
+
+
+def deliver(d: delivery.Delivery) -> int:
+    """One round and its flush; how many messages are still queued."""
+    d.deliver_round()
+    d.settle(force=True)
+    return d.pending()
 
 
 def read_mbox(spool_dir: str, name: str) -> list[mailbox.mboxMessage]:
@@ -54,12 +86,58 @@ def read_mbox(spool_dir: str, name: str) -> list[mailbox.mboxMessage]:
 
 # --- queue -------------------------------------------------------------------------
 
-def test_batch_round_trips_every_field(spool):
+def test_records_round_trip_every_field(spool):
     messages = [queued(b"Subject: one\r\n\r\nbody\r\n"), queued(b"")]
-    name = queue.write_batch(spool, messages)
-    assert queue.ready_batches(spool) == [name]
-    assert queue.read_batch(spool, name) == messages
-    assert os.listdir(queue.queue_paths(spool)["tmp"]) == []
+    write(spool, messages)
+    loaded = read_all(spool)
+    assert [dataclasses.replace(m, lsn=0) for m in loaded] == messages
+    assert [q.queue_id for q in queue.queued(spool)] == [m.queue_id for m in messages]
+
+
+def test_only_flushed_records_are_read_and_a_flush_covers_every_writer(spool):
+    first, second = queue.Log(spool), queue.Log(spool)    # two workers
+    try:
+        end1 = first.append([queue.encode_payload(queued(b"one\r\n"))])
+        end2 = second.append([queue.encode_payload(queued(b"two\r\n"))])
+        assert read_all(spool) == [] and queue.queued(spool) == []
+        second.sync(end2)                  # one flush, led by the second writer
+        assert first.synced >= end1        # ... covers the first one's record too
+        assert [m.content for m in read_all(spool)] == [b"one\r\n", b"two\r\n"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_torn_or_stale_tail_ends_the_records_and_recovery_keeps_the_rest(spool):
+    write(spool, [queued(b"kept\r\n")])
+    log = queue.Log(spool)
+    try:
+        end = log.append([queue.encode_payload(queued(b"torn\r\n" * 100))])
+        [segment] = log.segments()
+        # kill -9 half-way through a write: the end of the record never arrived
+        fd = log.fd(segment.seg_id)
+        off = queue.HEADER_BYTES + end - segment.base
+        os.pwrite(fd, bytes(300), off - 300)
+    finally:
+        log.close()
+    queue.recover(spool)
+    assert [m.content for m in read_all(spool)] == [b"kept\r\n"]
+    write(spool, [queued(b"after\r\n")])     # the log goes on over the torn record
+    assert [m.content for m in read_all(spool)] == [b"kept\r\n", b"after\r\n"]
+
+
+def test_segments_fill_up_switch_and_are_reused_once_delivered(spool, monkeypatch):
+    monkeypatch.setattr(queue, "SEGMENT_BYTES", 64 << 10)
+    monkeypatch.setattr(queue, "SMALLER_SEGMENTS", (64 << 10,))
+    cfg = make_config(spool)
+    d = delivery.Delivery(cfg, None)
+    for n in range(30):
+        write(spool, [queued(b"Subject: %d\r\n\r\n" % n + b"x" * 10_000 + b"\r\n")])
+        deliver(d)
+    assert len(read_mbox(spool, "alice")) == 30 and queue.queued(spool) == []
+    # Five segments' worth went through, but freed segments were taken again.
+    assert len([n for n in os.listdir(os.path.join(spool, ".ccsmtp", "log"))
+                if n.startswith("seg.")]) <= 4
 
 
 def test_spilled_content_is_committed_as_a_data_file(spool):
@@ -67,31 +145,64 @@ def test_spilled_content_is_committed_as_a_data_file(spool):
     spill.write(b"Subject: big\r\n\r\n")
     spill.write(b"x" * 100_000 + b"\r\n")
     message = queue.QueuedMessage("ABC123", ENVELOPE, time.time(), external=True, size=spill.size)
-    name = queue.write_batch(spool, [message], {"ABC123": spill})
-    [loaded] = queue.read_batch(spool, name)
+    spill.move_to(queue.data_path(spool, "ABC123"))
+    write(spool, [message], full=True)
+    [loaded] = read_all(spool)
     assert loaded.external and loaded.content == b""
     assert b"".join(queue.content_pieces(spool, loaded, piece_bytes=4096)) == \
         b"Subject: big\r\n\r\n" + b"x" * 100_000 + b"\r\n"
-    queue.remove_batch(spool, name, [loaded])
+    assert deliver(delivery.Delivery(make_config(spool), None)) == 0
     assert os.listdir(queue.queue_paths(spool)["data"]) == []
-    assert queue.ready_batches(spool) == []
+    assert queue.queued(spool) == []
 
 
-def test_failed_batch_write_leaves_nothing_behind(spool, monkeypatch):
-    def broken_fsync(fd):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(queue.os, "fsync", broken_fsync)
-    with pytest.raises(queue.QueueError) as info:
-        queue.write_batch(spool, [queued(b"x\r\n")])
-    assert info.value.disk_full
-    paths = queue.queue_paths(spool)
-    assert os.listdir(paths["tmp"]) == [] and os.listdir(paths["queue"]) == []
+def test_a_failed_flush_fails_the_records_and_cancels_them(spool, monkeypatch):
+    def broken_fdatasync(fd):
+        raise OSError(5, "Input/output error")
+    log = queue.Log(spool)
+    try:
+        end = log.append([queue.encode_payload(queued(b"lost\r\n"))])
+        monkeypatch.setattr(queue.os, "fdatasync", broken_fdatasync)
+        with pytest.raises(queue.QueueError):
+            log.sync(end)
+        monkeypatch.undo()
+        with pytest.raises(queue.QueueError):      # a follower learns it too
+            log.sync(end)
+    finally:
+        log.close()
+    write(spool, [queued(b"next\r\n")])
+    assert [m.content for m in read_all(spool)] == [b"next\r\n"]
 
 
-def test_clean_tmp_removes_unfinished_batches(spool):
-    open(os.path.join(queue.queue_paths(spool)["tmp"], "half"), "wb").close()
-    assert queue.clean_tmp(spool) == 1
+def test_a_full_disk_refuses_before_writing(spool, monkeypatch):
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+    monkeypatch.setattr(queue.os, "statvfs", lambda path: Full)
+    log = queue.Log(spool)
+    try:
+        with pytest.raises(queue.QueueError) as info:
+            log.append([queue.encode_payload(queued(b"x\r\n"))])
+        assert info.value.disk_full
+    finally:
+        log.close()
+
+
+def test_recover_removes_half_received_messages_and_orphan_data_files(spool):
+    open(os.path.join(queue.queue_paths(spool)["tmp"], "spill.half"), "wb").close()
+    open(queue.data_path(spool, "ORPHAN"), "wb").close()
+    assert queue.recover(spool) == 2
     assert os.listdir(queue.queue_paths(spool)["tmp"]) == []
+    assert os.listdir(queue.queue_paths(spool)["data"]) == []
+
+
+def test_remove_copy_takes_one_copy_out(spool):
+    message = queued(b"Subject: x\r\n\r\nx\r\n")
+    write(spool, [message])
+    assert queue.remove_copy(spool, message.queue_id, "bob")
+    [entry] = queue.queued(spool)
+    assert [r.mailbox for r in entry.recipients] == ["alice"]
+    assert deliver(delivery.Delivery(make_config(spool), None)) == 0
+    assert len(read_mbox(spool, "alice")) == 1 and not os.path.exists(os.path.join(spool, "bob"))
 
 
 # --- mbox formatting ---------------------------------------------------------------
@@ -262,8 +373,8 @@ def test_streaming_matches_the_whole_message_rule(lines, offsets):
 def test_copy_in_the_mailbox_has_no_state_headers_and_its_whole_body(spool):
     cfg = make_config(spool)
     body = b"line 1\r\nline 2 is longer than Content-Length says\r\n"
-    queue.write_batch(spool, [queued(FORGED_STATE + body)])
-    delivery.Delivery(cfg, None).deliver_round()
+    write(spool, [queued(FORGED_STATE + body)])
+    deliver(delivery.Delivery(cfg, None))
     [message] = read_mbox(spool, "alice")
     for name in ("Status", "X-Status", "X-Keywords", "X-UID", "X-IMAP", "X-IMAPbase",
                  "Content-Length"):
@@ -365,42 +476,58 @@ def test_delivery_appends_each_copy_once_per_mailbox_and_empties_the_queue(spool
     twice_to_alice = dataclasses.replace(ENVELOPE, recipients=(
         Recipient("alice@example.org", "alice"), Recipient("alice+tag@example.org", "alice"),
         Recipient("bob@example.org", "bob")))
-    queue.write_batch(spool, [queued(b"Subject: 1\r\n\r\nFrom x\r\n", twice_to_alice),
-                              queued(b"Subject: 2\r\n\r\n.dot\r\n", twice_to_alice)])
-    assert delivery.Delivery(cfg, None).deliver_round() == 0
+    write(spool, [queued(b"Subject: 1\r\n\r\nFrom x\r\n", twice_to_alice),
+                  queued(b"Subject: 2\r\n\r\n.dot\r\n", twice_to_alice)])
+    assert deliver(delivery.Delivery(cfg, None)) == 0
     alice, bob = read_mbox(spool, "alice"), read_mbox(spool, "bob")
     assert [m["Subject"] for m in alice] == ["1", "2"] and len(bob) == 2
     assert alice[0].get_payload() == ">From x\n"
-    assert queue.ready_batches(spool) == []
+    assert queue.queued(spool) == []
     assert oct(os.stat(os.path.join(spool, "alice")).st_mode & 0o777) == oct(cfg.spool_mode)
+
+
+def test_copies_leave_the_queue_only_after_a_flush_covers_the_mailboxes(spool, monkeypatch):
+    monkeypatch.setattr(delivery, "SYNC_BATCH_S", 0.0)
+    cfg = make_config(spool)
+    first = queued(b"Subject: 1\r\n\r\nx\r\n")
+    write(spool, [first])
+    d = delivery.Delivery(cfg, None)
+    d.deliver_round()
+    assert len(read_mbox(spool, "alice")) == 1          # appended, not yet durable
+    d.settle()                                          # asks for a flush, none ran yet
+    assert queue.queued(spool)[0].queue_id == first.queue_id
+    second = queued(b"Subject: 2\r\n\r\nx\r\n")
+    write(spool, [second])                              # a worker's next flush: a syncfs
+    d.settle()
+    assert [q.queue_id for q in queue.queued(spool)] == [second.queue_id]
 
 
 def test_busy_mailbox_defers_only_itself_and_partial_progress_is_kept(spool):
     cfg = make_config(spool)
-    name = queue.write_batch(spool, [queued(b"Subject: 1\r\n\r\nx\r\n")])
+    message = queued(b"Subject: 1\r\n\r\nx\r\n")
+    write(spool, [message])
     open(os.path.join(spool, "alice.lock"), "w").close()    # a reader's dot-lock
     worker = delivery.Delivery(cfg, None)
-    assert worker.deliver_round() == 1
+    assert deliver(worker) == 1
     assert len(read_mbox(spool, "bob")) == 1 and not os.path.exists(os.path.join(spool, "alice"))
-    assert {mb for _, mb in queue.read_done(spool, name)} == {"bob"}
+    [entry] = queue.queued(spool)
+    assert [r.mailbox for r in entry.recipients] == ["alice"]
     os.unlink(os.path.join(spool, "alice.lock"))
     worker.retry_at.clear()
-    assert worker.deliver_round() == 0
+    assert deliver(worker) == 0
     assert len(read_mbox(spool, "alice")) == 1 and len(read_mbox(spool, "bob")) == 1
 
 
-def test_restart_after_crash_between_mailbox_fsync_and_cleanup_does_not_duplicate(spool):
+def test_restart_after_crash_between_append_and_done_record_does_not_duplicate(spool):
     cfg = make_config(spool)
-    name = queue.write_batch(spool, [queued(b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3)])
-    saved = open(os.path.join(queue.queue_paths(spool)["queue"], name), "rb").read()
+    write(spool, [queued(b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3)])
+    # As if the process died after appending, before the flush and the done records.
     delivery.Delivery(cfg, None).deliver_round()
-    # As if the process died after the mailboxes were synced but before the batch went.
-    with open(os.path.join(queue.queue_paths(spool)["queue"], name), "wb") as f:
-        f.write(saved)
     restarted = delivery.Delivery(cfg, None)
     restarted.recover()
-    assert restarted.deliver_round() == 0
+    assert deliver(restarted) == 0
     assert len(read_mbox(spool, "alice")) == 3 and len(read_mbox(spool, "bob")) == 3
+    assert queue.queued(spool) == []
 
 
 def test_tls_sessions_get_the_tls_comment_in_received():
@@ -412,24 +539,25 @@ def test_tls_sessions_get_the_tls_comment_in_received():
 
 
 def test_tls_field_round_trips_through_the_queue(spool):
-    message = queued(b"x\r\n", dataclasses.replace(ENVELOPE, protocol="ESMTPS", tls="TLSv1.2 with cipher X (128/128 bits)"))
-    name = queue.write_batch(spool, [message])
-    assert queue.read_batch(spool, name) == [message]
+    tls = "TLSv1.2 with cipher X (128/128 bits)"
+    message = queued(b"x\r\n", dataclasses.replace(ENVELOPE, protocol="ESMTPS", tls=tls))
+    write(spool, [message])
+    [loaded] = read_all(spool)
+    assert dataclasses.replace(loaded, lsn=0) == message and loaded.envelope.tls == tls
 
 
 def test_recovery_recognises_copies_received_over_tls(spool):
     cfg = make_config(spool)
-    tls_envelope = dataclasses.replace(ENVELOPE, protocol="ESMTPS", tls="TLSv1.3 with cipher X (256/256 bits)")
-    name = queue.write_batch(spool, [queued(b"Subject: %d\r\n\r\nx\r\n" % i, tls_envelope)
-                                     for i in range(2)])
-    saved = open(os.path.join(queue.queue_paths(spool)["queue"], name), "rb").read()
+    tls_envelope = dataclasses.replace(ENVELOPE, protocol="ESMTPS",
+                                       tls="TLSv1.3 with cipher X (256/256 bits)")
+    write(spool, [queued(b"Subject: %d\r\n\r\nx\r\n" % i, tls_envelope) for i in range(2)])
+    # As if the process died after appending, before the flush and the done records:
+    # the copies carry the TLS comment in their Received: header, and are still found.
     delivery.Delivery(cfg, None).deliver_round()
-    with open(os.path.join(queue.queue_paths(spool)["queue"], name), "wb") as f:
-        f.write(saved)
     restarted = delivery.Delivery(cfg, None)
     restarted.recover()
-    assert restarted.deliver_round() == 0
-    assert len(read_mbox(spool, "alice")) == 2
+    assert deliver(restarted) == 0
+    assert len(read_mbox(spool, "alice")) == 2 and len(read_mbox(spool, "bob")) == 2
 
 
 def test_forged_trace_header_in_content_does_not_fool_recovery(spool):
@@ -437,45 +565,35 @@ def test_forged_trace_header_in_content_does_not_fool_recovery(spool):
     victim = queued(b"Subject: real\r\n\r\nx\r\n")
     forged = (b"Subject: forged\r\n\r\nFrom x Thu Jan  1 00:00:00 1970\r\nReturn-Path: <>\r\n"
               b"Received: from x\r\n\tby y (ccsmtp) with ESMTP id " + victim.queue_id.encode() + b"\r\n")
-    queue.write_batch(spool, [queued(forged)])
-    delivery.Delivery(cfg, None).deliver_round()
-    queue.write_batch(spool, [victim])
+    write(spool, [queued(forged)])
+    deliver(delivery.Delivery(cfg, None))
+    write(spool, [victim])
     restarted = delivery.Delivery(cfg, None)
     restarted.recover()
-    restarted.deliver_round()
+    deliver(restarted)
     assert [m["Subject"] for m in read_mbox(spool, "alice")] == ["forged", "real"]
-
-
-def test_corrupt_batch_is_quarantined_and_the_rest_delivered(spool):
-    cfg = make_config(spool)
-    with open(os.path.join(queue.queue_paths(spool)["queue"], "0000BROKEN"), "wb") as f:
-        f.write(b"12 99\n{not json")
-    queue.write_batch(spool, [queued(b"Subject: ok\r\n\r\nx\r\n")])
-    delivery.Delivery(cfg, None).deliver_round()
-    assert [m["Subject"] for m in read_mbox(spool, "alice")] == ["ok"]
-    assert os.listdir(os.path.join(spool, ".ccsmtp", "corrupt")) == ["0000BROKEN"]
 
 
 def test_append_cut_short_by_a_kill_is_cut_back_and_delivered_again(spool):
     cfg = make_config(spool)
-    queue.write_batch(spool, [queued(b"Subject: old\r\n\r\nx\r\n")])
-    delivery.Delivery(cfg, None).deliver_round()
+    write(spool, [queued(b"Subject: old\r\n\r\nx\r\n")])
+    deliver(delivery.Delivery(cfg, None))
     path = os.path.join(spool, "alice")
     before = open(path, "rb").read()
     message = queued(b"Subject: new\r\n\r\n" + b"y" * 5000 + b"\r\n")
-    queue.write_batch(spool, [message])
+    write(spool, [message])
     # What kill -9 in the middle of an append leaves: the journal entry, the start of
     # the copy (From_ line and trace headers, which name the queue ID), a dot-lock.
     dead = delivery.Delivery(cfg, None)
-    dead.journal.begin("alice", len(before))
-    whole = b"".join(dead._format(delivery.Copy("b", message, "alice@example.org", "alice")))
+    dead.sink.journal.begin("alice", len(before))
+    whole = b"".join(dead.sink._format(sink.Copy(message, "alice@example.org", "alice")))
     with open(path, "ab") as f:
         f.write(whole[:len(whole) // 2])
     with open(path + ".lock", "w") as f:
         f.write("999999999\n")    # no such pid: a dead owner's lock is broken at once
     restarted = delivery.Delivery(cfg, None)
     restarted.recover()
-    assert restarted.deliver_round() == 0
+    assert deliver(restarted) == 0
     assert [m["Subject"] for m in read_mbox(spool, "alice")] == ["old", "new"]
     assert open(path, "rb").read() == before + whole
     assert [m["Subject"] for m in read_mbox(spool, "bob")] == ["old", "new"]
@@ -503,3 +621,38 @@ def test_append_retries_a_readers_brief_lock_before_deferring(spool, monkeypatch
     with pytest.raises(mbox.MailboxBusy):
         mbox.append(spool, "alice", [b"From b Thu Jan  1 00:00:00 1970\nsecond\n\n"])
     assert len(read_mbox(spool, "alice")) == 1 and not os.path.exists(os.path.join(spool, "alice.lock"))
+
+
+class RefusingSink:
+    """A sink that takes nothing for one mailbox and fails another: what LMTP may say."""
+    durable_on_delivery = True
+
+    def __init__(self):
+        self.got = []
+
+    def recover(self):
+        pass
+
+    def already_delivered(self, mailbox):
+        return set()
+
+    def deliver(self, mailbox, copies):
+        self.got += [(mailbox, c.message.queue_id) for c in copies]
+        if mailbox == "alice":
+            return [sink.deferred("452 try later", 60.0)] * len(copies)
+        return [sink.failed("550 no such user")] * len(copies)
+
+    def close(self):
+        pass
+
+
+def test_a_sink_defers_and_fails_copies_per_mailbox(spool):
+    message = queued(b"Subject: x\r\n\r\nx\r\n")
+    write(spool, [message])
+    target = RefusingSink()
+    d = delivery.Delivery(make_config(spool), None, sink=target)
+    assert deliver(d) == 1
+    assert sorted(target.got) == [("alice", message.queue_id), ("bob", message.queue_id)]
+    [entry] = queue.queued(spool)
+    assert [r.mailbox for r in entry.recipients] == ["alice"]    # bob's copy failed: gone
+    assert deliver(d) == 1 and len(target.got) == 2               # alice: not before 60 s

@@ -223,6 +223,7 @@ class Master:
             except BaseException:
                 log.exception("child process failed")
             finally:
+                logs.unbatch()
                 logging.shutdown()
                 os._exit(code)
         self.scoreboard.claim(slot, pid, kind, worker_id, self.generation)

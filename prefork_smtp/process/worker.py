@@ -183,6 +183,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self.stop, FAST)
         loop.add_signal_handler(signal.SIGUSR2, self.stop, RETIRE)
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
+        logs.batch_writes(functools.partial(self._schedule_log_flush, loop))
         login = LoginChecker(self.credentials.users, ThrottleRegion(self.shared.throttle, self.slot),
                              self.config.domains)
         running = await self._start_services(loop, login)
@@ -226,6 +227,13 @@ class Worker:
             except Exception as e:
                 raise WorkerBootError(f"listener {listener.address}") from e
         return running
+
+    @staticmethod
+    def _schedule_log_flush(loop: asyncio.AbstractEventLoop) -> None:
+        try:   # from any thread (the commit thread logs too)
+            loop.call_soon_threadsafe(loop.call_later, logs.BATCH_S, logs.flush_pending)
+        except RuntimeError:
+            pass   # the loop is closed; the process flushes as it exits
 
     def _broke(self, why: object) -> None:
         log.error("worker %d is short of resources (%s): retiring it", self.worker_id, why)

@@ -1,9 +1,16 @@
-"""The delivery process: moves queued messages into their mailboxes.
+"""The delivery process: moves queued messages from the log into their mailboxes.
 
-Owns: reading ready batches from the queue, appending every copy to its mailbox
-(all copies for one mailbox in a round share one lock and one fsync), deferring a
-mailbox whose lock a reader holds without holding up the others, recording
-partly delivered batches, and removing a batch once every copy is safe.
+Owns: reading the queue log (queue.py) as it grows, handing the copies for each
+mailbox to the sink (sink.py: the mbox append, or LMTP) in one go per round,
+deferring a mailbox the sink cannot take now without holding up the others, and
+letting a copy leave the queue only once it is durable where it went: the mbox
+sink's appends are not fsync'ed one by one; delivery asks the log for a syncfs
+(FULL_REQ), which the next group-commit flush of the workers performs anyway --
+so delivery's durability costs no flush of its own while mail arrives, and never
+queues in front of an acknowledgement -- or performs it itself after
+FULL_SYNC_WAIT_S when the log is quiet; it asks at most every SYNC_BATCH_S. Only
+then are the copies written to the segment's done file, data files of large
+messages removed, and segments whose every copy is delivered handed back for reuse.
 Must not: speak SMTP or write outside SPOOL (mbox.py enforces safe names).
 Runs as the unprivileged user, one at a time (an OFD lock on
 SPOOL/.ccsmtp/delivery.lock). On TERM it delivers what it can within
@@ -14,72 +21,88 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
-import itertools
 import logging
 import os
 import select
 import signal
 import socket
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 from setproctitle import setproctitle
 
 from .. import logs
 from ..config import Config
-from ..layout import DELIVERY_JOURNAL, DELIVERY_LOCK, state_path
-from . import mbox, queue
-from .fsutil import lock_ofd
+from ..layout import DELIVERY_LOCK, state_path
+from . import queue
+from .fsutil import lock_ofd, unlink_quietly
+from .sink import DELIVERED, FAILED, Copy, Sink, sink_for
 
 log = logging.getLogger("ccsmtp.local")
 
 ROUND_BYTES = 8 * 1024 * 1024      # at most this much message content in memory a round
 RESCAN_S = 1.0                     # look at the queue at least this often
-BUSY_RETRY_S = 1.0                 # a reader holds the mailbox lock
-ERROR_RETRY_S = 10.0               # disk full, permissions: someone has to act
+SYNC_BATCH_S = 0.1                 # ask for a flush of the mailboxes at most this often
+FULL_SYNC_WAIT_S = 0.05            # then flush them ourselves: the log is quiet
+POLL_S = 0.005                     # while waiting for a flush to cover our appends
+ROUND_INTERVAL_S = 0.02            # rounds start at most this often
+DONE_RESCAN_S = 1.0                # done files: the queue tool's removals, looked for this often
 
 
 @dataclasses.dataclass
-class Copy:
-    batch: str
-    message: queue.QueuedMessage
-    recipient: str
-    mailbox: str
+class Entry:
+    """One queued message, as long as any copy of it is not yet safe elsewhere."""
+    lsn: int
+    queue_id: str
+    received_at: float
+    external: bool
+    left: dict[str, str]             # mailbox -> recipient: copies still to hand over
+    unsynced: set[str] = dataclasses.field(default_factory=set)   # handed over, not durable
+    message: queue.QueuedMessage | None = None                    # with content, this round
+
+    @property
+    def finished(self) -> bool:
+        return not self.left and not self.unsynced
 
 
 @dataclasses.dataclass
-class Batch:
-    name: str
-    messages: list[queue.QueuedMessage]
-    done: set[tuple[str, str]]
+class SegmentState:
+    segment: queue.Segment
+    cursor: int                       # next LSN to read
+    read_all: bool = False
+    entries: dict[int, Entry] = dataclasses.field(default_factory=dict)
+    done_offset: int = 0              # how much of its done file has been read
+    done: set[tuple[str, str]] = dataclasses.field(default_factory=set)   # (queue ID, mailbox)
 
-    def copies(self) -> list[Copy]:
-        out, seen = [], set(self.done)
-        for message in self.messages:
-            for rcpt in message.envelope.recipients:
-                key = (message.queue_id, rcpt.mailbox)
-                if key not in seen:   # one copy per mailbox, as Postfix's duplicate filter
-                    seen.add(key)
-                    out.append(Copy(self.name, message, rcpt.address, rcpt.mailbox))
-        return out
+    def restart(self) -> None:
+        """Forget what was read: the next round reads the segment again."""
+        self.cursor, self.read_all, self.done_offset = self.segment.base, False, 0
+        self.entries.clear()
+        self.done.clear()
 
 
 class Delivery:
     def __init__(self, config: Config, notify: socket.socket | None,
-                 heartbeat: Callable[[int], None] | None = None, master_pid: int = 0):
+                 heartbeat: Callable[[int], None] | None = None, master_pid: int = 0,
+                 sink: Sink | None = None):
         self.config = config
         self.notify = notify
         self.heartbeat = heartbeat   # posts how many copies were delivered, once a round
         self.master_pid = master_pid
         self.delivered = 0
         self.retry_at: dict[str, float] = {}
+        self.sink = sink or sink_for(config)
+        self.log = queue.Log(config.spool_dir)
+        self.segments: dict[int, SegmentState] = {}
+        # Handed over, waiting for a flush: (segment base, lsn, mailbox).
+        self._unsynced: list[tuple[int, int, str]] = []
+        self._sync_wanted = 0            # FULL_REQ number that covers _unsynced
+        self._sync_asked_at = 0.0
+        self._unsynced_since = 0.0
+        self._done_rescan_at = 0.0
         self._stopping = False
         self._quitting = False
         self._reopen_logs = False
-        self._needs_repair: set[str] = set()
-        self.journal = mbox.AppendJournal(
-            state_path(config.spool_dir, DELIVERY_JOURNAL))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
 
     # --- process ----------------------------------------------------------------
@@ -88,10 +111,12 @@ class Delivery:
         self._install_signals()
         setproctitle("ccsmtp: delivery [waiting for lock]")
         lock_fd = self._take_delivery_lock()
+        logs.batch_writes()
         try:
             self.recover()
             self._loop()
         finally:
+            logs.unbatch()
             os.close(lock_fd)
         return 0
 
@@ -129,18 +154,32 @@ class Delivery:
             if self._reopen_logs:
                 self._reopen_logs = False
                 logs.reopen()
-            pending = self.deliver_round()
+            started = time.monotonic()
+            self.deliver_round()
+            self.settle(force=stop_by is not None)
+            pending = self.pending()
             self._beat()
+            logs.flush_pending()
             if stop_by is not None and (not pending or time.monotonic() > stop_by):
                 if pending:
-                    log.warning("delivery stopping with %d batch(es) still queued", pending)
+                    log.warning("delivery stopping with %d message(s) still queued", pending)
                 return
             if self.master_pid and os.getppid() != self.master_pid:
                 self._stopping = True
-            if stop_by is None:
-                self._wait(RESCAN_S)
-            elif pending:
+            if stop_by is not None:
                 time.sleep(0.05)
+            elif self._unsynced:
+                self._wait(POLL_S if self._sync_wanted else SYNC_BATCH_S / 2)
+            else:
+                self._wait(self._next_retry_in())
+            # Under load, let copies gather: one lock and one write per mailbox then
+            # carries many (each append costs a dozen system calls whatever its size).
+            time.sleep(max(0.0, started + ROUND_INTERVAL_S - time.monotonic()))
+
+    def _next_retry_in(self) -> float:
+        if not self.retry_at:
+            return RESCAN_S
+        return max(0.01, min(RESCAN_S, min(self.retry_at.values()) - time.monotonic()))
 
     def _wait(self, timeout: float) -> None:
         waiting = [self._wakeup_r] + ([self.notify] if self.notify else [])
@@ -164,136 +203,255 @@ class Delivery:
         if self.heartbeat is not None:
             self.heartbeat(self.delivered)
 
+    def pending(self) -> int:
+        """Messages still in the queue (delivered but not yet durable ones included)."""
+        return sum(len(state.entries) for state in self.segments.values()) + \
+            sum(1 for state in self.segments.values() if not state.read_all
+                and state.cursor < min(self.log.synced, state.segment.limit))
+
     # --- recovery -----------------------------------------------------------------
 
     def recover(self) -> None:
-        """Settle queued copies that are already in their mailbox.
+        """Settle queued copies that are already at their destination.
 
-        A predecessor that died between a mailbox's fsync and removing the batch
-        left copies that are delivered but still queued; delivering them again
-        would duplicate mail whose 250 the client did get. Runs once at start.
+        A predecessor that died between handing copies over (or making them durable)
+        and recording them as done left copies that are delivered but still queued;
+        delivering them again would duplicate mail whose 250 the client did get.
+        Runs once at start: read the whole queue, ask the sink what it has, flush
+        (what a killed predecessor appended may not be durable yet), then record.
         """
-        spool = self.config.spool_dir
+        self.sink.recover()
         present: dict[str, set[str]] = {}
-        self._needs_repair = mbox.undo_interrupted_appends(spool, self.journal)
-        for mailbox in self._needs_repair:
-            # It ends in half a copy that must not count as delivered; nothing more
-            # goes into it until it is cut back (see _append).
-            log.warning("mailbox %s is locked; it will be repaired after a crash once it is free",
-                        mailbox)
-            present[mailbox] = set()
-        names = queue.ready_batches(spool)
-        while names:
-            batches, consumed = self._load_batches(names)
-            names = names[consumed:]
-            found: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
-            for batch in batches:
-                for copy in batch.copies():
-                    if copy.mailbox not in present:
-                        present[copy.mailbox] = mbox.delivered_ids(spool, copy.mailbox)
-                    if copy.message.queue_id in present[copy.mailbox]:
-                        self._log_copy(copy, "sent", f"found in mailbox {copy.mailbox} at start-up")
-                        found[batch.name].append((copy.message.queue_id, copy.mailbox))
-            for batch in batches:
-                if found.get(batch.name):
-                    self._settle(batch, found[batch.name])
+        found: dict[int, list[tuple[str, str]]] = collections.defaultdict(list)
+        self._refresh_segments()
+        for state in self.segments.values():
+            while not state.read_all:
+                if not self._read_more(state, with_content=False):
+                    break
+            for entry in state.entries.values():
+                for mailbox in list(entry.left):
+                    if mailbox not in present:
+                        present[mailbox] = self.sink.already_delivered(mailbox)
+                    if entry.queue_id in present[mailbox]:
+                        self._log_copy(entry, entry.left.pop(mailbox), "sent",
+                                       f"found in mailbox {mailbox} at start-up")
+                        found[state.segment.base].append((entry.queue_id, mailbox))
+        if found and not self.sink.durable_on_delivery:
+            self.log.full_sync_now()
+        for base, copies in found.items():
+            queue.mark_done(self.config.spool_dir, base, copies)
+        # Read again from the start in rounds: recovery must not hold the whole queue.
+        for state in self.segments.values():
+            state.restart()
 
     # --- one round ----------------------------------------------------------------
 
-    def deliver_round(self) -> int:
-        """Deliver what is ready; returns how many batches are left in the queue."""
-        spool = self.config.spool_dir
-        names = queue.ready_batches(spool)
-        batches, _ = self._load_batches(names)
-        by_mailbox: dict[str, list[Copy]] = collections.defaultdict(list)
-        for batch in batches:
-            for copy in batch.copies():
-                by_mailbox[copy.mailbox].append(copy)
-        delivered: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    def deliver_round(self) -> None:
+        """Hand over whatever is ready: new records, and deferred copies whose
+        mailbox may be free again."""
+        self._refresh_segments()
+        budget = ROUND_BYTES
+        rescan = time.monotonic() >= self._done_rescan_at
+        if rescan:
+            self._done_rescan_at = time.monotonic() + DONE_RESCAN_S
+        for state in self.segments.values():
+            if rescan:
+                self._read_done(state)
+            while budget > 0 and not state.read_all:
+                got = self._read_more(state, with_content=True, max_bytes=budget)
+                budget -= got
+                if not got:
+                    break
+        by_mailbox = self._copies_due(budget)
         for mailbox, copies in by_mailbox.items():
             if self._quitting:
                 break
-            if self._append(mailbox, copies):
-                for copy in copies:
-                    delivered[copy.batch].append((copy.message.queue_id, mailbox))
-        finished = sum(self._settle(batch, delivered.get(batch.name, [])) for batch in batches)
-        return len(names) - finished
+            self._hand_over(mailbox, copies)
+        for state in self.segments.values():
+            for entry in state.entries.values():
+                entry.message = None   # content is read again if a copy is still due
 
-    def _load_batches(self, names: list[str]) -> tuple[list[Batch], int]:
-        """Batches from the front of names, up to ROUND_BYTES of content; and how
-        many names that used up."""
-        batches, total, consumed = [], 0, 0
-        for name in names:
-            consumed += 1
+    def _refresh_segments(self) -> None:
+        live = {s.base: s for s in self.log.segments()}
+        for base in list(self.segments):
+            if base not in live:
+                del self.segments[base]
+        for base, segment in sorted(live.items()):
+            if base not in self.segments:
+                self.segments[base] = SegmentState(segment, base)
+                self._read_done(self.segments[base])
+
+    def _read_done(self, state: SegmentState) -> None:
+        """Copies recorded as done (by us before a restart, or removed by the queue
+        tool since): they are not handed over."""
+        lines, state.done_offset = queue.read_done(self.config.spool_dir, state.segment.base,
+                                                   state.done_offset)
+        if not lines:
+            return
+        by_id = {entry.queue_id: entry for entry in state.entries.values()}
+        for queue_id, mailbox, removed in lines:
+            state.done.add((queue_id, mailbox))
+            entry = by_id.get(queue_id)
+            if entry is None:
+                continue
+            if entry.left.pop(mailbox, None) is not None and removed:
+                log.info("%s: copy for mailbox %s removed from the queue", queue_id, mailbox)
+            if entry.finished:
+                self._finish(state, entry)
+
+    def _read_more(self, state: SegmentState, with_content: bool, max_bytes: int = ROUND_BYTES) -> int:
+        """Read the next records of a segment into entries; returns the bytes read
+        (0: nothing new)."""
+        records, state.cursor, at_end = self.log.read(state.segment, state.cursor,
+                                                      max_bytes=max(max_bytes, 1 << 16))
+        size = 0
+        for lsn, cancelled, payload in records:
+            size += len(payload)
+            if cancelled:
+                continue
             try:
-                messages = queue.read_batch(self.config.spool_dir, name)
-            except FileNotFoundError:
-                continue
+                message = queue.decode_payload(payload, lsn, with_content)
             except (ValueError, KeyError, TypeError) as e:
-                self._quarantine(name, e)
+                log.error("queue record at %d is corrupt (%s): skipped", lsn, e)
                 continue
-            batches.append(Batch(name, messages, queue.read_done(self.config.spool_dir, name)))
-            total += sum(len(m.content) for m in messages)
-            if total >= ROUND_BYTES:
-                break
-        return batches, consumed
+            left: dict[str, str] = {}
+            for rcpt in message.envelope.recipients:
+                # One copy per mailbox, as Postfix's duplicate filter.
+                if rcpt.mailbox not in left and (message.queue_id, rcpt.mailbox) not in state.done:
+                    left[rcpt.mailbox] = rcpt.address
+            entry = Entry(lsn, message.queue_id, message.received_at, message.external, left,
+                          message=message if with_content else None)
+            if entry.finished:
+                self._finish(state, entry)
+            else:
+                state.entries[lsn] = entry
+        # The end of its records below the synced point: a segment no longer
+        # written (its unused tail) or full.
+        state.read_all = at_end
+        return size
 
-    def _append(self, mailbox: str, copies: list[Copy]) -> bool:
+    def _copies_due(self, budget: int) -> dict[str, list[tuple[SegmentState, Entry, Copy]]]:
         now = time.monotonic()
-        if self.retry_at.get(mailbox, 0.0) > now:
-            return False
-        data = itertools.chain.from_iterable(self._format(copy) for copy in copies)
-        try:
-            if mailbox in self._needs_repair:
-                self._needs_repair = mbox.undo_interrupted_appends(self.config.spool_dir,
-                                                                   self.journal)
-                if mailbox in self._needs_repair:
-                    raise mbox.MailboxBusy("locked since a crash")
-            mbox.append(self.config.spool_dir, mailbox, data, self.config.spool_mode, self.journal)
-        except mbox.MailboxBusy as e:
-            if mailbox not in self.retry_at:
-                log.info("mailbox %s is locked (%s): %d message(s) deferred", mailbox, e, len(copies))
-            self.retry_at[mailbox] = now + BUSY_RETRY_S
-            return False
-        except OSError as e:
-            status = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
-            for copy in copies:
-                self._log_copy(copy, "deferred", f"cannot append to mailbox {mailbox}: {status}")
-            self.retry_at[mailbox] = now + ERROR_RETRY_S
-            return False
-        self.retry_at.pop(mailbox, None)
-        self.delivered += len(copies)
-        for copy in copies:
-            self._log_copy(copy, "sent", f"delivered to mailbox {mailbox}")
-        return True
+        by_mailbox: dict[str, list[tuple[SegmentState, Entry, Copy]]] = collections.defaultdict(list)
+        for state in self.segments.values():
+            for entry in state.entries.values():
+                due = [mb for mb in entry.left if self.retry_at.get(mb, 0.0) <= now]
+                if not due:
+                    continue
+                if entry.message is None:
+                    if budget <= 0:
+                        continue
+                    try:
+                        entry.message = self.log.read_record(state.segment, entry.lsn)
+                    except (OSError, ValueError) as e:
+                        log.error("%s: cannot read its queue record again: %s", entry.queue_id, e)
+                        continue
+                    budget -= len(entry.message.content)
+                for mailbox in due:
+                    by_mailbox[mailbox].append(
+                        (state, entry, Copy(entry.message, entry.left[mailbox], mailbox)))
+        return by_mailbox
 
-    def _format(self, copy: Copy) -> Iterator[bytes]:
-        message = copy.message
-        content = queue.content_pieces(self.config.spool_dir, message)
-        return mbox.format_copy(message.envelope, content, queue_id=message.queue_id,
-                                recipient=copy.recipient, received_at=message.received_at,
-                                hostname=self.config.hostname)
+    def _hand_over(self, mailbox: str, items: list[tuple[SegmentState, Entry, Copy]]) -> None:
+        outcomes = self.sink.deliver(mailbox, [copy for _, _, copy in items])
+        now = time.monotonic()
+        durable = self.sink.durable_on_delivery
+        released: list[tuple[int, int, str]] = []
+        for (state, entry, copy), outcome in zip(items, outcomes):
+            if outcome.kind == DELIVERED:
+                self.delivered += 1
+                self._log_copy(entry, entry.left.pop(mailbox), "sent",
+                               f"delivered to mailbox {mailbox}")
+                entry.unsynced.add(mailbox)
+                if not durable and not self._unsynced:
+                    self._unsynced_since = now
+                (released if durable else self._unsynced).append(
+                    (state.segment.base, entry.lsn, mailbox))
+                self.retry_at.pop(mailbox, None)
+            elif outcome.kind == FAILED:
+                self._log_copy(entry, entry.left.pop(mailbox), "bounced", outcome.reason)
+                entry.unsynced.add(mailbox)
+                released.append((state.segment.base, entry.lsn, mailbox))
+            else:
+                if mailbox not in self.retry_at or outcome.retry_after_s > 1.0:
+                    self._log_copy(entry, copy.recipient, "deferred", outcome.reason)
+                self.retry_at[mailbox] = now + outcome.retry_after_s
+        if released:
+            self._release(released)
+
+    # --- durability and clean-up ----------------------------------------------------
+
+    def settle(self, force: bool = False) -> None:
+        """Copies handed over leave the queue once a flush covered them: one a worker
+        made (asked for through the log), or ours when the log is quiet or FORCE."""
+        if self._unsynced:
+            now = time.monotonic()
+            if not self._sync_wanted:
+                # A syncfs writes back every dirty page of the file system: on a real
+                # disk it costs more than a commit's fdatasync, so one carries the
+                # appends of SYNC_BATCH_S rather than every commit being one.
+                if not force and now - self._unsynced_since < SYNC_BATCH_S:
+                    self._free_segments()
+                    return
+                self._sync_wanted = self.log.request_full_sync()
+                self._sync_asked_at = now
+            if not self.log.full_synced(self._sync_wanted):
+                if not force and now - self._sync_asked_at < FULL_SYNC_WAIT_S:
+                    return
+                try:
+                    self.log.full_sync_now()
+                except queue.QueueError as e:
+                    log.error("cannot flush the mailboxes: %s; retrying", e)
+                    self._sync_asked_at = now
+                    return
+            batch, self._unsynced, self._sync_wanted = self._unsynced, [], 0
+            self._release(batch)
+        self._free_segments()
+
+    def _release(self, copies: list[tuple[int, int, str]]) -> None:
+        by_segment: dict[int, list[tuple[int, str]]] = collections.defaultdict(list)
+        for base, lsn, mailbox in copies:
+            by_segment[base].append((lsn, mailbox))
+        for base, items in by_segment.items():
+            state = self.segments.get(base)
+            if state is None:
+                continue
+            done = []
+            for lsn, mailbox in items:
+                entry = state.entries.get(lsn)
+                if entry is None:
+                    continue
+                entry.unsynced.discard(mailbox)
+                done.append((entry.queue_id, mailbox))
+            try:
+                queue.mark_done(self.config.spool_dir, base, done)
+            except OSError as e:
+                log.warning("cannot record delivered copies: %s", e)   # looked for again at start
+            for lsn, _ in items:
+                entry = state.entries.get(lsn)
+                if entry is not None and entry.finished:
+                    self._finish(state, entry)
+
+    def _finish(self, state: SegmentState, entry: Entry) -> None:
+        state.entries.pop(entry.lsn, None)
+        if entry.external:
+            unlink_quietly(queue.data_path(self.config.spool_dir, entry.queue_id))
+
+    def _free_segments(self) -> None:
+        current = self.log.current_base()
+        for base, state in list(self.segments.items()):
+            if state.read_all and not state.entries and base != current \
+                    and self.log.synced >= state.segment.limit:
+                self.log.free(state.segment)
+                self.log.forget(state.segment.seg_id)
+                del self.segments[base]
 
     @staticmethod
-    def _log_copy(copy: Copy, status: str, detail: str) -> None:
-        delay = max(0.0, time.time() - copy.message.received_at)
+    def _log_copy(entry: Entry, recipient: str, status: str, detail: str) -> None:
+        delay = max(0.0, time.time() - entry.received_at)
         log.info("%s: to=<%s>, relay=local, delay=%.2f, status=%s (%s)",
-                 copy.message.queue_id, copy.recipient, delay, status, detail)
+                 entry.queue_id, recipient, delay, status, detail)
 
-    def _settle(self, batch: Batch, delivered_now: list[tuple[str, str]]) -> bool:
-        """Remove a finished batch, or record progress on an unfinished one."""
-        spool = self.config.spool_dir
-        needed = {(m.queue_id, r.mailbox) for m in batch.messages for r in m.envelope.recipients}
-        if needed <= batch.done | set(delivered_now):
-            queue.remove_batch(spool, batch.name, batch.messages)
-            return True
-        if delivered_now:
-            queue.mark_done(spool, batch.name, delivered_now)
-        return False
-
-    def _quarantine(self, name: str, error: Exception) -> None:
-        paths = queue.queue_paths(self.config.spool_dir)
-        corrupt = state_path(self.config.spool_dir, "corrupt")
-        os.makedirs(corrupt, mode=0o700, exist_ok=True)
-        os.rename(os.path.join(paths["queue"], name), os.path.join(corrupt, name))
-        log.error("queue file %s is corrupt (%s): moved to %s", name, error, corrupt)
+    def close(self) -> None:
+        self.sink.close()
+        self.log.close()

@@ -54,3 +54,16 @@ def lock_ofd(fd: int, *, wait: bool, shared: bool = False) -> None:
             raise BlockingIOError(e.errno, "file is locked") from None
         raise
 
+
+
+def is_still_at(fd: int, path: str) -> bool:
+    """Whether the file open as fd is still the one named path. After waiting for a
+    mailbox's locks, a writer checks this: the file may have been replaced meanwhile
+    (an expunge renames its rewrite over the mailbox, and two takers that break the
+    same stale dot-lock at once can both believe they hold it)."""
+    mine = os.fstat(fd)
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)

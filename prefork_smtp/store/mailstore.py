@@ -71,7 +71,7 @@ from typing import Iterable, Iterator
 
 from ..layout import mailbox_path
 from . import mailbox_index, mbox, mbox_scan
-from .fsutil import fsync_dir, lock_ofd, unlink_quietly
+from .fsutil import fsync_dir, is_still_at, lock_ofd, unlink_quietly
 from .mailbox_index import Header, IndexCorrupt
 from .mbox_scan import (DATE, DELETED, FIELDS, FLAGS, FP, KEYWORD_SHIFT, LAYOUT, LENGTH, LINES,
                         OFFSET, SIZE, UID, MailboxChanged, MailboxError)
@@ -431,6 +431,8 @@ class Mailbox:
                 try:
                     if fd is not None:
                         _wait_for(lambda: _try_lock(fd, shared=False), "fcntl lock held")
+                        if not is_still_at(fd, self.path):
+                            raise MailboxBusy("the mailbox was replaced while waiting for it")
                     if self._journal_limit(1 << 62) is not None:
                         raise MailboxBusy("an interrupted delivery to this mailbox awaits repair")
                     if self._update_locked(fd, have, full=False, prescan=None):

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 from ..layout import DELIVERY_JOURNAL, STATE_DIR, mailbox_path, state_path
 from .envelope import Envelope
-from .fsutil import fsync_dir, lock_ofd, unlink_quietly, write_all
+from .fsutil import fsync_dir, is_still_at, lock_ofd, unlink_quietly, write_all
 
 # Postfix's stale_lock_time: a dot-lock older than this is left over from a crash.
 STALE_DOTLOCK_S = 500.0
@@ -309,6 +309,8 @@ def _cut_back(spool_dir: str, mailbox: str, size: int) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             lock_ofd(fd, wait=False)
+            if not is_still_at(fd, path):
+                return False          # replaced meanwhile: look again later
             if os.fstat(fd).st_size > size:
                 os.ftruncate(fd, size)
                 os.fsync(fd)
@@ -324,10 +326,11 @@ def _cut_back(spool_dir: str, mailbox: str, size: int) -> bool:
 
 
 def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o600,
-           journal: AppendJournal | None = None) -> None:
+           journal: AppendJournal | None = None, sync: bool = True) -> None:
     """Append the pieces of data to SPOOL/mailbox under both locks and fsync. Raises MailboxBusy
     at once rather than wait: a reader holding the lock must not stall delivery to
-    everyone else."""
+    everyone else. sync=False leaves the fsync (of the file, and of SPOOL for a new
+    mailbox) to the caller, who batches many appends into one flush."""
     path = mailbox_path(spool_dir, mailbox)
     dotlock = path + ".lock"
     take_dotlock(dotlock)
@@ -344,28 +347,30 @@ def append(spool_dir: str, mailbox: str, data: Iterable[bytes], mode: int = 0o60
                 # spool_mode as configured (0o660 for spool_group), whatever the umask;
                 # the group comes from the spool's set-group-ID bit (spool.prepare).
                 os.fchmod(fd, mode)
-            _append_locked(fd, data, mailbox, journal)
+            _append_locked(fd, path, data, mailbox, journal, sync)
         finally:
             os.close(fd)   # closing the description releases the OFD lock
-        if created:
+        if created and sync:
             fsync_dir(spool_dir)
     finally:
         unlink_quietly(dotlock)
 
 
-def _append_locked(fd: int, data: Iterable[bytes], mailbox: str,
-                   journal: AppendJournal | None) -> None:
+def _append_locked(fd: int, path: str, data: Iterable[bytes], mailbox: str,
+                   journal: AppendJournal | None, sync: bool = True) -> None:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "mailbox is not a regular file")
     _lock_briefly(fd)
+    if not is_still_at(fd, path):     # an expunge replaced it while we waited
+        raise MailboxBusy("the mailbox was replaced while waiting for its lock")
     old_size = os.fstat(fd).st_size
     if journal is not None:
         journal.begin(mailbox, old_size)
     try:
-        for piece in data:
-            write_all(fd, [piece])
-        os.fsync(fd)
+        _write_coalesced(fd, data)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         # Postfix mbox delivery: on any error cut the file back, no half message.
         os.ftruncate(fd, old_size)
@@ -385,6 +390,23 @@ def _lock_briefly(fd: int) -> None:
             if attempt == LOCK_RETRIES - 1:
                 raise MailboxBusy("fcntl lock held") from None
             time.sleep(LOCK_RETRY_S)
+
+
+WRITE_BYTES = 256 << 10
+
+
+def _write_coalesced(fd: int, data: Iterable[bytes]) -> None:
+    """Write the pieces in few system calls: many small copies go out together."""
+    batch: list[bytes] = []
+    size = 0
+    for piece in data:
+        batch.append(piece)
+        size += len(piece)
+        if size >= WRITE_BYTES:
+            write_all(fd, [b"".join(batch)])
+            batch, size = [], 0
+    if batch:
+        write_all(fd, [b"".join(batch)])
 
 
 def _owner_is_dead(path: str) -> bool:

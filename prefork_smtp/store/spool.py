@@ -71,15 +71,16 @@ def _give_to_group(spool_dir: str, gid: int) -> None:
 
 
 def open_queue(spool_dir: str) -> int:
-    """Create SPOOL/.ccsmtp and prove we can write there. After dropping root.
-    Returns how many half-written queue files of a crash were removed."""
+    """Create SPOOL/.ccsmtp, prove we can write there and bring the queue log to a
+    known state (queue.recover). After dropping root, before forking.
+    Returns how many leftover files of a crash were removed."""
     try:
         queue.make_dirs(spool_dir)
         probe = os.path.join(queue.queue_paths(spool_dir)["tmp"], f"probe.{os.getpid()}")
         with open(probe, "wb") as f:
             f.write(b"probe")
         os.unlink(probe)
-        return queue.clean_tmp(spool_dir)
+        return queue.recover(spool_dir)
     except OSError as e:
         raise SpoolError(f"spool {spool_dir} is not writable by uid {os.geteuid()}: {e.strerror} "
                          "(fix its owner or permissions, or choose another with -s)") from None

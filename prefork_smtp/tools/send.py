@@ -61,6 +61,7 @@ WRITE_CHUNK = 256 * 1024
 # Connect attempts in flight at once while opening idle connections: a SYN burst
 # of 10,000 overflows the server's backlog and turns into 1 s retransmissions.
 IDLE_CONNECT_BURST = 256
+IDLE_CONNECT_TRIES = 3
 FILLER_WIDTH = 76
 MESSAGE_ID_DOMAIN = "ccsmtp-send.invalid"
 
@@ -335,12 +336,15 @@ def server_name(sockaddr: tuple) -> str:
 
 
 async def connect(family: int, sockaddr: tuple, timeout_s: float,
-                  tls: TLSPlan | None = None) -> ClientProtocol:
-    """A TCP connection; with tls.mode "tls", its handshake done too."""
+                  tls: TLSPlan | None = None, source: str | None = None) -> ClientProtocol:
+    """A TCP connection (from `source`, if given); with tls.mode "tls", its handshake
+    done too."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        if source:
+            sock.bind((source, 0))
         await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout_s)
         if tls is not None and tls.mode == "tls":
             return await _connect_tls(loop, sock, sockaddr, tls, timeout_s)
@@ -673,6 +677,9 @@ class LoadPlan:
     hold_s: float
     rotate: bool = False
     tls: TLSPlan | None = None
+    # Idle connections rotate over these local addresses: one address has ~28,000
+    # ephemeral ports towards one server port (127.0.0.0/8 offers many addresses).
+    sources: tuple[str, ...] = ()
 
     def recipients_of(self, seq: int) -> tuple[str, ...]:
         if self.rotate:
@@ -719,18 +726,24 @@ class Load:
             # a full timeout per IDLE_CONNECT_BURST connections still to try.
             return time.monotonic() - last_greeting > self.plan.timeout_s
 
-        async def one() -> ClientProtocol | None:
+        async def one(n: int) -> ClientProtocol | None:
             nonlocal last_greeting
+            sources = self.plan.sources
             async with gate:
                 if stalled():
                     self.stats.idle_errors["stalled"] += 1
                     return None
-                try:
-                    proto = await connect(self.plan.family, self.plan.sockaddr,
-                                          self.plan.timeout_s, self.plan.tls)
-                except SMTPClientError as e:
-                    self.stats.idle_errors[e.kind] += 1
-                    return None
+                for attempt in range(IDLE_CONNECT_TRIES):
+                    try:
+                        proto = await connect(self.plan.family, self.plan.sockaddr,
+                                              self.plan.timeout_s, self.plan.tls,
+                                              sources[n % len(sources)] if sources else None)
+                        break
+                    except SMTPClientError as e:
+                        # A SYN dropped by a full accept queue: retry, as a real client.
+                        if attempt + 1 == IDLE_CONNECT_TRIES or e.kind != "connect" or stalled():
+                            self.stats.idle_errors[e.kind] += 1
+                            return None
             try:
                 (greeting,) = await proto.read(1, self.plan.timeout_s, "the connection (greeting)")
             except SMTPClientError as e:
@@ -744,7 +757,7 @@ class Load:
             last_greeting = time.monotonic()
             return proto
 
-        opened = await asyncio.gather(*(one() for _ in range(self.plan.idle)))
+        opened = await asyncio.gather(*(one(n) for n in range(self.plan.idle)))
         held = [proto for proto in opened if proto is not None and not proto.closed]
         self.stats.idle_held = len(held)
         return held
@@ -950,6 +963,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "for --timeout seconds the rest are not tried ('stalled')")
     load.add_argument("--hold", type=_nonnegative_float, default=0.0, metavar="SECONDS",
                       help="with --idle: keep the idle connections this long after the load")
+    load.add_argument("--source", action="append", default=[], metavar="ADDR",
+                      help="with --idle: local address for the idle connections, repeatable "
+                           "(they rotate over them; one address has ~28,000 ports to a server)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -1067,7 +1083,7 @@ def run_load(args: argparse.Namespace, family: int, sockaddr: tuple,
                              1024 if args.size is None else args.size, template, args.rotate)
     plan = LoadPlan(family, sockaddr, args.helo, args.mail_from, tuple(args.to), count,
                     min(args.concurrency, max(count, 1)), args.per_connection, args.slow,
-                    args.timeout, args.idle, args.hold, args.rotate, tls)
+                    args.timeout, args.idle, args.hold, args.rotate, tls, tuple(args.source))
     stats = asyncio.run(Load(plan, factory).run())
     result = report(stats, plan, factory.message_size)
     result["run_id"] = run_id
