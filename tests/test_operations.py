@@ -196,6 +196,7 @@ def _run_worker(tmp_path, port: int, services=SERVICES, close_listener: bool = F
     spool = str(tmp_path / "spool")
     os.mkdir(spool)
     queue.make_dirs(spool)
+    queue.recover(spool)        # the log, as the master leaves it before forking workers
     cfg = configuration.build({"spool": spool, "listen": [f"127.0.0.1:{port}"],
                                "domains": ["example.org"]})
     listener = Listener(bind(cfg.listen[0]), cfg.listen[0])

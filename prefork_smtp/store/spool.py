@@ -91,7 +91,7 @@ def check_queue_writable(spool_dir: str) -> None:
     proved it at start-up, but the spool may have changed hands since (a careless
     chown -R, a file system remounted read-only)."""
     paths = queue.queue_paths(spool_dir)
-    for path in (paths["tmp"], paths["queue"], paths["data"]):
+    for path in (paths["tmp"], paths["log"], paths["data"]):
         if not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
             raise SpoolError(f"{path} is not writable by uid {os.geteuid()} "
                              "(fix the spool's owner or permissions, then restart)")
