@@ -118,6 +118,11 @@ class Delivery:
         finally:
             logs.unbatch()
             os.close(lock_fd)
+            # Before this object (and its wake-up socket) can be freed: a signal that
+            # came after that would make the interpreter write to a closed descriptor
+            # and print an "Exception ignored" report (seen when a reload signals an
+            # old delivery process twice).
+            signal.set_wakeup_fd(-1)
         return 0
 
     def _install_signals(self) -> None:
