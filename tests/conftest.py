@@ -345,8 +345,11 @@ class Server:
             time.sleep(0.01)
 
     def mailboxes(self) -> list[str]:
-        """Plain files directly in SPOOL: mailboxes (and NAME.lock while locked)."""
-        return sorted(p.name for p in self.spool.iterdir() if p.is_file())
+        """Plain files directly in SPOOL: mailboxes. NAME.lock beside a mailbox NAME is
+        someone's lock on it, there for a moment (delivery unlinks its own after the
+        append that a reader may already see); any other file stays in the list."""
+        names = {p.name for p in self.spool.iterdir() if p.is_file()}
+        return sorted(n for n in names if not (n.endswith(".lock") and n[:-5] in names))
 
 
 # --- figures and resource sampling (test_faults.py, test_hostile.py) --------------------

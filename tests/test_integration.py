@@ -828,7 +828,15 @@ def test_max_connections_per_client_is_enforced_across_workers(server):
     held = []
     try:
         for _ in range(3):
-            sock, greeting = server.connect()
+            # The fixture's readiness probe came from this address too: on a slow
+            # machine the server may not have seen it go yet.
+            deadline = time.monotonic() + 5
+            while True:
+                sock, greeting = server.connect()
+                if greeting.startswith(S220) or time.monotonic() > deadline:
+                    break
+                sock.close()
+                time.sleep(0.05)
             assert greeting.startswith(S220), greeting
             held.append(sock)
         # Both workers have taken some of them (the kernel spreads accepts) or not:
