@@ -1,5 +1,5 @@
 """The IMAP commands that work on a mailbox (RFC 3501 §6.3.1-2, §6.3.10, §6.4; RFC 4315
-UID EXPUNGE; RFC 2177 IDLE updates): synchronous code over a store.mailstore.ImapView.
+UID EXPUNGE; RFC 2177 IDLE updates): synchronous code over a store.mailbox_views.ImapView.
 
 Owns: SELECT/EXAMINE, STATUS, FETCH, STORE, SEARCH, EXPUNGE, UID EXPUNGE, CLOSE, CHECK,
 NOOP and the untagged updates (EXPUNGE, EXISTS, FETCH FLAGS) other sessions' changes
@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Callable, Generator, Iterable, Iterator, Sequence
 
-from ..store import mailstore
+from ..store import mailbox_views, mailstore
 from ..store.mbox_scan import FP, UID as UID_FIELD
 from . import commands as C
 from . import response as R
@@ -93,7 +93,7 @@ class SelectedMailbox:
     def __init__(self, spool_dir: str, name: str, read_only: bool):
         self.name = name
         self.read_only = read_only
-        self.view = mailstore.ImapView(spool_dir, name)
+        self.view = mailbox_views.ImapView(spool_dir, name)
         self.cache: EnvelopeCache = cache_for(spool_dir, name)
 
 
@@ -201,7 +201,7 @@ def select(spool_dir: str, name: str, read_only: bool) -> Command:
                    code="READ-ONLY" if read_only else "READ-WRITE", selected=box)
 
 
-def _first_unseen(view: mailstore.ImapView) -> int:
+def _first_unseen(view: mailbox_views.ImapView) -> int:
     for seq in range(1, view.exists + 1):
         if "\\Seen" not in view.flags(seq):
             return seq
@@ -210,7 +210,7 @@ def _first_unseen(view: mailstore.ImapView) -> int:
 
 def status(spool_dir: str, name: str, items: Sequence[str]) -> Command:
     """RFC 3501 §6.3.10, for the user's INBOX."""
-    view = mailstore.ImapView(spool_dir, name)
+    view = mailbox_views.ImapView(spool_dir, name)
     values = {
         "MESSAGES": lambda: view.exists,
         "RECENT": lambda: 0,
@@ -328,7 +328,7 @@ def search(box: SelectedMailbox, args: C.Search, uid: bool) -> Command:
     return Outcome(R.OK, OK_DONE)
 
 
-def _loader(view: mailstore.ImapView, uid: int, headers_only: bool) -> Callable[[], Message]:
+def _loader(view: mailbox_views.ImapView, uid: int, headers_only: bool) -> Callable[[], Message]:
     """MailItem.load: the message read and parsed (its header only when the program
     needs no more), afresh at each call. search's context keeps the message being
     evaluated; an item that kept its own would keep the whole mailbox in memory, parsed,
@@ -393,13 +393,13 @@ def fetch(box: SelectedMailbox, args: C.Fetch, uid: bool) -> Command:
     return Outcome(R.OK, OK_DONE)
 
 
-def _set_seen(view: mailstore.ImapView, chosen: list[tuple[int, int]]) -> None:
+def _set_seen(view: mailbox_views.ImapView, chosen: list[tuple[int, int]]) -> None:
     unseen = [u for seq, u in chosen if "\\Seen" not in view.flags(seq)]
     if unseen:
         view.store_flags(unseen, ["\\Seen"], "add")
 
 
-def _infos(view: mailstore.ImapView, chosen: list[tuple[int, int]]
+def _infos(view: mailbox_views.ImapView, chosen: list[tuple[int, int]]
            ) -> dict[int, mailstore.MessageInfo]:
     """MessageInfo of the chosen messages that still exist."""
     if len(chosen) * 8 < view.exists:
@@ -592,7 +592,7 @@ def _computed(name: str, message: Message) -> bytes:
 
 # --- helpers ----------------------------------------------------------------------------
 
-def _resolve(view: mailstore.ImapView, seqs: C.SequenceSet, uid: bool
+def _resolve(view: mailbox_views.ImapView, seqs: C.SequenceSet, uid: bool
              ) -> list[tuple[int, int]] | None:
     """(seq, uid) of the messages a set names, ascending; None for a sequence set that
     names a message that does not exist (RFC 3501 §9: BAD). A UID set may name UIDs
