@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prefork_smtp.store import mailstore, mbox, queue  # noqa: E402
+from prefork_smtp.store import mailbox_views, mailstore, mbox, queue  # noqa: E402
 from prefork_smtp.store.envelope import Envelope, Recipient  # noqa: E402
 
 ENVELOPE = Envelope("sender@example.net", (Recipient("alice@example.org", "alice"),),
@@ -63,7 +63,7 @@ def child(task: str, spool: str) -> dict:
         out["open_s"] = time.perf_counter() - t0
         out["messages"] = box.count
         t0 = time.perf_counter()
-        view = mailstore.ImapView(spool, "alice")
+        view = mailbox_views.ImapView(spool, "alice")
         infos = view.messages()
         out["view_and_list_all_s"] = time.perf_counter() - t0
         assert len(infos) == box.count
@@ -76,7 +76,7 @@ def child(task: str, spool: str) -> dict:
             view.refresh()
         out["refresh_unchanged_us"] = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
-        pop = mailstore.Pop3Maildrop(spool, "alice")
+        pop = mailbox_views.Pop3Maildrop(spool, "alice")
         out["pop3_login_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for n in range(1, min(pop.count, 200) + 1):
@@ -85,7 +85,7 @@ def child(task: str, spool: str) -> dict:
         pop.close()
     elif task == "views20":
         box = mailstore.open_mailbox(spool, "alice")
-        views = [mailstore.ImapView(spool, "alice") for _ in range(20)]
+        views = [mailbox_views.ImapView(spool, "alice") for _ in range(20)]
         for v in views:
             v.messages()
             v.refresh()
@@ -94,7 +94,7 @@ def child(task: str, spool: str) -> dict:
         out["open_20_views_s"] = time.perf_counter() - t0
     elif task == "append_refresh":
         box = mailstore.open_mailbox(spool, "alice")
-        view = mailstore.ImapView(spool, "alice")
+        view = mailbox_views.ImapView(spool, "alice")
         mbox.append(spool, "alice", [b"From x Thu Jan  1 00:00:00 2026\nSubject: new\n\nnew\n\n"])
         t0 = time.perf_counter()
         changes = view.refresh()

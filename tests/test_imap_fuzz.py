@@ -16,6 +16,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from prefork_smtp.imap import grammar as G
 from prefork_smtp.imap import parser as P
 from prefork_smtp.imap import response as T
 
@@ -58,13 +59,13 @@ def check(events: list) -> None:
             assert event.reason in FIXED_REASONS or event.reason.startswith(T.BAD_ARGUMENTS + ": ")
             assert event.reason.isprintable() and event.reason.isascii()
             if event.tag is not None:
-                assert event.tag and all(c in P.ASTRING_CHARS and c != ord("+")
+                assert event.tag and all(c in G.ASTRING_CHARS and c != ord("+")
                                          for c in event.tag.encode("ascii"))
             if event.fatal:
                 assert i == len(events) - 1, "events after a fatal error"
             T.bad(event.tag, event.reason)          # formats without error
         elif isinstance(event, P.Command):
-            table = P.UID_COMMANDS if event.uid else P.COMMANDS
+            table = G.UID_COMMANDS if event.uid else G.COMMANDS
             assert event.name in table
         elif isinstance(event, P.SendContinuation):
             assert 0 <= event.size <= LIMITS["max_literal_bytes"]
@@ -124,6 +125,6 @@ def test_plausible_streams(data: bytes, points: list[int]) -> None:
 def test_strings_read_back(value: bytes) -> None:
     """What response.string()/astring() write is what the grammar reads (RFC 3501 §9)."""
     for encoded in (T.string(value), T.astring(value)):
-        r = P._Reader(encoded)
+        r = G._Reader(encoded)
         assert r.astring() == value
         assert r.at_end()

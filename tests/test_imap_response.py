@@ -7,7 +7,9 @@ import datetime
 
 import pytest
 
+from prefork_smtp.imap import commands as C
 from prefork_smtp.imap import fetch as F
+from prefork_smtp.imap import grammar as G
 from prefork_smtp.imap import parser as P
 from prefork_smtp.imap import response as R
 from prefork_smtp.imap.message import MailItem, lazy_message
@@ -58,7 +60,7 @@ def test_flag_list_and_numbers() -> None:
 def test_internaldate(when: datetime.datetime, expected: bytes) -> None:
     """RFC 3501 §9 date-time, day padded with a space; it reads back through the parser."""
     assert R.internaldate(when) == expected
-    assert P._Reader(expected).date_time() == when
+    assert G._Reader(expected).date_time() == when
 
 
 def test_internaldate_needs_a_timezone() -> None:
@@ -145,11 +147,11 @@ def test_fetch_section_names_and_values() -> None:
 
 
 def test_fetch_helpers() -> None:
-    atts = (P.FetchAtt("FLAGS"),)
-    assert F.with_uid(atts) == (P.FetchAtt("FLAGS"), P.FetchAtt("UID"))
+    atts = (C.FetchAtt("FLAGS"),)
+    assert F.with_uid(atts) == (C.FetchAtt("FLAGS"), C.FetchAtt("UID"))
     assert F.with_uid(F.with_uid(atts)) == F.with_uid(atts)
-    body = P.FetchAtt("BODY", P.Section(), None, False)
+    body = C.FetchAtt("BODY", C.Section(), None, False)
     assert F.sets_seen((body,)) and not F.sets_seen(atts)
-    assert F.with_flags((body,)) == (body, P.FetchAtt("FLAGS"))
+    assert F.with_flags((body,)) == (body, C.FetchAtt("FLAGS"))
     assert F.with_flags(atts) == atts
     assert F.needs_content((body,)) and not F.needs_content(atts)

@@ -11,6 +11,7 @@ import datetime
 
 import pytest
 
+from prefork_smtp.imap import commands as C
 from prefork_smtp.imap import parser as P
 from prefork_smtp.imap import search as S
 from prefork_smtp.imap.message import MailItem, Message
@@ -149,7 +150,7 @@ def test_empty_mailbox() -> None:
 
 
 def test_needs_content() -> None:
-    def program(text: bytes) -> P.Search:
+    def program(text: bytes) -> C.Search:
         return P.CommandParser().feed(b"a SEARCH " + text + b"\r\n")[0].args
     assert not S.needs_content(program(b"SEEN 1:* UID 3 LARGER 5 SINCE 1-Jan-2000"))
     assert S.needs_content(program(b"NOT SUBJECT x"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from prefork_smtp.imap import watcher as W
-from prefork_smtp.store import mailstore
+from prefork_smtp.store import mailbox_views
 
 from test_imap_protocol import USER, make_spool, mbox_message
 
@@ -37,7 +37,7 @@ def spool(tmp_path: Path) -> str:
     spool = make_spool(tmp_path / "spool", count=2)
     make_spool(tmp_path / "spool", count=1, name="bob")
     for name in (USER, "bob"):
-        mailstore.ImapView(spool, name)     # the mail store makes its index directories
+        mailbox_views.ImapView(spool, name)     # the mail store makes its index directories
     return spool
 
 
@@ -60,7 +60,7 @@ def test_a_flag_change_by_another_process_is_heard(spool):
         pytest.skip("no inotify here")
 
     def store() -> None:
-        view = mailstore.ImapView(spool, USER)
+        view = mailbox_views.ImapView(spool, USER)
         view.store_flags([view.uid(1)], ["\\Seen"], "add")
 
     alice, bob, _ = asyncio.run(heard(spool, True, store))

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prefork_smtp.layout import DELIVERY_JOURNAL, state_path
-from prefork_smtp.store import mailbox_index, mailstore, mbox, mbox_scan, queue
+from prefork_smtp.store import mailbox_index, mailbox_views, mailstore, mbox, mbox_scan, queue
 from prefork_smtp.store.envelope import Envelope, Recipient
 
 ENVELOPE = Envelope("sender@example.net", (Recipient("alice@example.org", "alice"),),
@@ -332,7 +332,7 @@ def test_uidvalidity_changes_only_when_the_index_is_lost_and_never_repeats(spool
 def test_new_messages_get_new_uids_whoever_appends_them(spool):
     deliver(spool, subject(1), 1)
     box = fresh(spool)
-    view = mailstore.ImapView(spool, "alice")
+    view = mailbox_views.ImapView(spool, "alice")
     # procmail or mutt appending under the same locks, in their own format
     with mutt_locks(spool) as f:
         f.seek(0, os.SEEK_END)
@@ -352,7 +352,7 @@ def test_uids_and_flags_survive_a_mutt_rewrite(spool):
     box = fresh(spool)
     before = by_subject(box)
     box.store_flags([before[b"message 1"]], ["\\Flagged", "$Work"], "add")
-    view = mailstore.ImapView(spool, "alice")
+    view = mailbox_views.ImapView(spool, "alice")
 
     def mutt_sync(data: bytes) -> bytes:
         # mutt marks messages read and rewrites them with Status:, Content-Length:
@@ -439,8 +439,8 @@ def test_a_file_replaced_by_another_program_is_reconciled(spool):
 def test_sessions_never_act_on_uids_of_a_lost_index(spool):
     for n in range(3):
         deliver(spool, subject(n), n)
-    view = mailstore.ImapView(spool, "alice")
-    with mailstore.Pop3Maildrop(spool, "alice") as drop:
+    view = mailbox_views.ImapView(spool, "alice")
+    with mailbox_views.Pop3Maildrop(spool, "alice") as drop:
         os.unlink(mailbox_index.Paths(spool, "alice").index)
         assert view.refresh().lost
         for act in (lambda: drop.commit([1]), lambda: b"".join(drop.iter_content(1)),
@@ -463,7 +463,7 @@ def _store_in_child(spool: str, uid: int, done) -> None:
 def test_flags_stored_in_one_process_are_seen_by_another(spool):
     for n in range(3):
         deliver(spool, subject(n), n)
-    view = mailstore.ImapView(spool, "alice")
+    view = mailbox_views.ImapView(spool, "alice")
     ctx = multiprocessing.get_context("fork")
     done = ctx.Event()
     child = ctx.Process(target=_store_in_child, args=(spool, 2, done))
@@ -496,8 +496,8 @@ def test_keywords_are_limited(spool):
 def test_imap_view_reports_expunges_new_mail_and_flags_in_order(spool):
     for n in range(6):
         deliver(spool, subject(n), n)
-    mine = mailstore.ImapView(spool, "alice")
-    other = mailstore.ImapView(spool, "alice")
+    mine = mailbox_views.ImapView(spool, "alice")
+    other = mailbox_views.ImapView(spool, "alice")
     assert mine.uids.tolist() == [1, 2, 3, 4, 5, 6] and mine.uidnext == 7
     other.store_flags([2, 4, 5], ["\\Deleted"], "add")
     assert other.expunge([2, 4, 5, 6]) == [2, 4, 5]      # 6 is not \Deleted
@@ -533,7 +533,7 @@ def _twenty_views(top: str, result) -> None:
     with open(os.path.join(spool, "alice"), "wb") as f:
         for n in range(10_000):
             f.write(copy_bytes(subject(n) + b"x" * 2000 + b"\r\n", n))
-    views = [mailstore.ImapView(spool, "alice") for _ in range(20)]
+    views = [mailbox_views.ImapView(spool, "alice") for _ in range(20)]
     for v in views:
         v.refresh()
     with open("/proc/self/status") as f:
@@ -544,7 +544,7 @@ def _twenty_views(top: str, result) -> None:
 # --- POP3 -------------------------------------------------------------------------------
 
 def _hold_pop3(spool: str, ready) -> None:
-    drop = mailstore.Pop3Maildrop(spool, "alice")
+    drop = mailbox_views.Pop3Maildrop(spool, "alice")
     ready.set()
     time.sleep(60)
     drop.close()
@@ -559,22 +559,22 @@ def test_pop3_lock_is_exclusive_across_processes_and_dies_with_its_holder(spool)
     try:
         assert ready.wait(10)
         started = time.monotonic()
-        with pytest.raises(mailstore.MailboxInUse):
-            mailstore.Pop3Maildrop(spool, "alice")
+        with pytest.raises(mailbox_views.MailboxInUse):
+            mailbox_views.Pop3Maildrop(spool, "alice")
         assert time.monotonic() - started < 1      # at once, not after a wait
         mbox.append(spool, "alice", [copy_bytes(subject(2), 2)])   # delivery goes on
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.join(10)
-    with mailstore.Pop3Maildrop(spool, "alice") as drop:
+    with mailbox_views.Pop3Maildrop(spool, "alice") as drop:
         assert drop.count == 2
-        with pytest.raises(mailstore.MailboxInUse):       # in one process too
-            mailstore.Pop3Maildrop(spool, "alice")
+        with pytest.raises(mailbox_views.MailboxInUse):       # in one process too
+            mailbox_views.Pop3Maildrop(spool, "alice")
 
 
 def test_pop3_snapshot_and_mail_delivered_before_commit_survives(spool):
     sent = {n: deliver(spool, subject(n), n) for n in range(4)}
-    with mailstore.Pop3Maildrop(spool, "alice") as drop:
+    with mailbox_views.Pop3Maildrop(spool, "alice") as drop:
         assert drop.count == 4
         listing = [(drop.size(n), drop.uidl(n)) for n in range(1, 5)]
         assert all(re.fullmatch(r"[\x21-\x7e]{1,70}", uidl) for _, uidl in listing)
@@ -584,7 +584,7 @@ def test_pop3_snapshot_and_mail_delivered_before_commit_survives(spool):
         assert drop.count == 4                           # kept for the next login
         assert drop.commit([1, 3]) == [1, 3]
     assert raw(spool) == sent[1] + sent[3] + sent[4]
-    with mailstore.Pop3Maildrop(spool, "alice") as drop:
+    with mailbox_views.Pop3Maildrop(spool, "alice") as drop:
         assert [drop.uidl(n) for n in (1, 2)] == [listing[1][1], listing[3][1]]
         assert drop.uidl(3).endswith(".5")
     assert len(mailbox.mbox(os.path.join(spool, "alice"))) == 3
@@ -633,7 +633,7 @@ def test_half_appended_message_is_not_indexed_and_blocks_expunge_until_repaired(
 def test_refresh_does_not_wait_for_a_busy_mailbox(spool):
     deliver(spool, subject(1), 1)
     box = fresh(spool)
-    view = mailstore.ImapView(spool, "alice")
+    view = mailbox_views.ImapView(spool, "alice")
     deliver(spool, subject(2), 2)
     with mutt_locks(spool):
         started = time.monotonic()
@@ -726,10 +726,10 @@ def _expunger(spool: str, log_path: str, seed: int) -> None:
                 box.store_flags(pick, ["\\Deleted"], "add")
                 removed = box.expunge(pick)
             else:
-                with mailstore.Pop3Maildrop(spool, "alice") as drop:
+                with mailbox_views.Pop3Maildrop(spool, "alice") as drop:
                     numbers = [drop.uids.tolist().index(uid) + 1 for uid in pick if uid in drop.uids]
                     removed = drop.commit(numbers)
-        except (mailstore.MailboxBusy, mailstore.MailboxInUse):
+        except (mailstore.MailboxBusy, mailbox_views.MailboxInUse):
             os.write(log, b"busy\n")
             continue
         os.write(log, b"done %s\n" % b",".join(b"%d" % tokens[uid] for uid in removed))

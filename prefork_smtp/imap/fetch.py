@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from . import response as R
+from .commands import FetchAtt
 from .message import MailItem, Message
-from .parser import FetchAtt
 
 # The order flags are listed in: RFC 3501 §2.3.2's system flags, then keywords.
 _FLAG_ORDER = {f: i for i, f in enumerate(

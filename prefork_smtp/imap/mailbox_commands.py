@@ -1,5 +1,5 @@
 """The IMAP commands that work on a mailbox (RFC 3501 §6.3.1-2, §6.3.10, §6.4; RFC 4315
-UID EXPUNGE; RFC 2177 IDLE updates): synchronous code over a store.mailstore.ImapView.
+UID EXPUNGE; RFC 2177 IDLE updates): synchronous code over a store.mailbox_views.ImapView.
 
 Owns: SELECT/EXAMINE, STATUS, FETCH, STORE, SEARCH, EXPUNGE, UID EXPUNGE, CLOSE, CHECK,
 NOOP and the untagged updates (EXPUNGE, EXISTS, FETCH FLAGS) other sessions' changes
@@ -26,9 +26,9 @@ import logging
 import time
 from typing import Callable, Generator, Iterable, Iterator, Sequence
 
-from ..store import mailstore
+from ..store import mailbox_views, mailstore
 from ..store.mbox_scan import FP, UID as UID_FIELD
-from . import parser as P
+from . import commands as C
 from . import response as R
 from . import search as S
 from .envelope_cache import EnvelopeCache, cache_for
@@ -93,7 +93,7 @@ class SelectedMailbox:
     def __init__(self, spool_dir: str, name: str, read_only: bool):
         self.name = name
         self.read_only = read_only
-        self.view = mailstore.ImapView(spool_dir, name)
+        self.view = mailbox_views.ImapView(spool_dir, name)
         self.cache: EnvelopeCache = cache_for(spool_dir, name)
 
 
@@ -201,7 +201,7 @@ def select(spool_dir: str, name: str, read_only: bool) -> Command:
                    code="READ-ONLY" if read_only else "READ-WRITE", selected=box)
 
 
-def _first_unseen(view: mailstore.ImapView) -> int:
+def _first_unseen(view: mailbox_views.ImapView) -> int:
     for seq in range(1, view.exists + 1):
         if "\\Seen" not in view.flags(seq):
             return seq
@@ -210,7 +210,7 @@ def _first_unseen(view: mailstore.ImapView) -> int:
 
 def status(spool_dir: str, name: str, items: Sequence[str]) -> Command:
     """RFC 3501 §6.3.10, for the user's INBOX."""
-    view = mailstore.ImapView(spool_dir, name)
+    view = mailbox_views.ImapView(spool_dir, name)
     values = {
         "MESSAGES": lambda: view.exists,
         "RECENT": lambda: 0,
@@ -241,7 +241,7 @@ def close(box: SelectedMailbox) -> Command:
 
 # --- EXPUNGE and UID EXPUNGE -----------------------------------------------------------
 
-def expunge(box: SelectedMailbox, uid_set: P.SequenceSet | None = None) -> Command:
+def expunge(box: SelectedMailbox, uid_set: C.SequenceSet | None = None) -> Command:
     """RFC 3501 §6.4.3; with uid_set, RFC 4315 §2.1 (only those of the \\Deleted
     messages whose UIDs are in the set)."""
     if box.read_only:
@@ -262,11 +262,11 @@ def expunge(box: SelectedMailbox, uid_set: P.SequenceSet | None = None) -> Comma
 
 # --- STORE -------------------------------------------------------------------------------
 
-_STORE_MODES = {P.StoreMode.REPLACE: "replace", P.StoreMode.ADD: "add",
-                P.StoreMode.REMOVE: "remove"}
+_STORE_MODES = {C.StoreMode.REPLACE: "replace", C.StoreMode.ADD: "add",
+                C.StoreMode.REMOVE: "remove"}
 
 
-def store(box: SelectedMailbox, args: P.Store, uid: bool) -> Command:
+def store(box: SelectedMailbox, args: C.Store, uid: bool) -> Command:
     """RFC 3501 §6.4.6. \\Recent cannot be stored and is ignored."""
     if box.read_only:
         return Outcome(R.NO, "Mailbox is read-only", code="READ-ONLY")
@@ -302,7 +302,7 @@ def store(box: SelectedMailbox, args: P.Store, uid: bool) -> Command:
 
 # --- SEARCH -----------------------------------------------------------------------------
 
-def search(box: SelectedMailbox, args: P.Search, uid: bool) -> Command:
+def search(box: SelectedMailbox, args: C.Search, uid: bool) -> Command:
     """RFC 3501 §6.4.4 (search.py evaluates); content is read only for the keys that
     need it, headers only when no key needs the body."""
     yield from updates(box, allow_expunge=False)
@@ -328,7 +328,7 @@ def search(box: SelectedMailbox, args: P.Search, uid: bool) -> Command:
     return Outcome(R.OK, OK_DONE)
 
 
-def _loader(view: mailstore.ImapView, uid: int, headers_only: bool) -> Callable[[], Message]:
+def _loader(view: mailbox_views.ImapView, uid: int, headers_only: bool) -> Callable[[], Message]:
     """MailItem.load: the message read and parsed (its header only when the program
     needs no more), afresh at each call. search's context keeps the message being
     evaluated; an item that kept its own would keep the whole mailbox in memory, parsed,
@@ -340,7 +340,7 @@ def _loader(view: mailstore.ImapView, uid: int, headers_only: bool) -> Callable[
 
 # --- FETCH ------------------------------------------------------------------------------
 
-def fetch(box: SelectedMailbox, args: P.Fetch, uid: bool) -> Command:
+def fetch(box: SelectedMailbox, args: C.Fetch, uid: bool) -> Command:
     """RFC 3501 §6.4.5, §6.4.8. BODY[...] (not .PEEK), RFC822 and RFC822.TEXT set
     \\Seen first in a read-write mailbox, and those messages then also show FLAGS."""
     yield from updates(box, allow_expunge=False)
@@ -393,13 +393,13 @@ def fetch(box: SelectedMailbox, args: P.Fetch, uid: bool) -> Command:
     return Outcome(R.OK, OK_DONE)
 
 
-def _set_seen(view: mailstore.ImapView, chosen: list[tuple[int, int]]) -> None:
+def _set_seen(view: mailbox_views.ImapView, chosen: list[tuple[int, int]]) -> None:
     unseen = [u for seq, u in chosen if "\\Seen" not in view.flags(seq)]
     if unseen:
         view.store_flags(unseen, ["\\Seen"], "add")
 
 
-def _infos(view: mailstore.ImapView, chosen: list[tuple[int, int]]
+def _infos(view: mailbox_views.ImapView, chosen: list[tuple[int, int]]
            ) -> dict[int, mailstore.MessageInfo]:
     """MessageInfo of the chosen messages that still exist."""
     if len(chosen) * 8 < view.exists:
@@ -420,12 +420,12 @@ def _infos(view: mailstore.ImapView, chosen: list[tuple[int, int]]
 class _Plan:
     """What a FETCH's items need: computed once per command, not per message."""
 
-    def __init__(self, atts: Sequence[P.FetchAtt], read_only: bool):
+    def __init__(self, atts: Sequence[C.FetchAtt], read_only: bool):
         self.atts = tuple(atts)
         self.names = [item_name(a) for a in atts]
         self.sets_seen = not read_only and any(a.sets_seen for a in atts)
         if self.sets_seen and not any(a.name == "FLAGS" and a.section is None for a in atts):
-            self.atts += (P.FetchAtt("FLAGS"),)
+            self.atts += (C.FetchAtt("FLAGS"),)
             self.names.append(b"FLAGS")
         content = [a for a in self.atts
                    if a.section is not None or a.name not in _INDEX_ITEMS]
@@ -438,13 +438,13 @@ class _Plan:
         self.streamable = len(whole) == 1 and len(self.direct) == 1 and not self.cached
 
 
-def _header_only(att: P.FetchAtt) -> bool:
+def _header_only(att: C.FetchAtt) -> bool:
     if att.section is None:
         return att.name == "RFC822.HEADER"
     return not att.section.part and att.section.text in _HEADER_SECTIONS
 
 
-def _whole_message(att: P.FetchAtt) -> bool:
+def _whole_message(att: C.FetchAtt) -> bool:
     if att.section is None:
         return att.name == "RFC822"
     return not att.section.part and att.section.text is None and att.partial is None
@@ -504,7 +504,7 @@ class _Fetcher:
             self._remember(info.uid, cached, msg)
         return b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
 
-    def _value(self, att: P.FetchAtt, info: mailstore.MessageInfo, cached: list | None,
+    def _value(self, att: C.FetchAtt, info: mailstore.MessageInfo, cached: list | None,
                msg: Callable[[], Message]) -> bytes:
         if att.section is not None:
             s = att.section
@@ -592,7 +592,7 @@ def _computed(name: str, message: Message) -> bytes:
 
 # --- helpers ----------------------------------------------------------------------------
 
-def _resolve(view: mailstore.ImapView, seqs: P.SequenceSet, uid: bool
+def _resolve(view: mailbox_views.ImapView, seqs: C.SequenceSet, uid: bool
              ) -> list[tuple[int, int]] | None:
     """(seq, uid) of the messages a set names, ascending; None for a sequence set that
     names a message that does not exist (RFC 3501 §9: BAD). A UID set may name UIDs

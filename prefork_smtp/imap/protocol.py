@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable, Union
 
 from . import parser as P
 from . import response as R
+from .commands import Authenticate, ListArgs, Login, StatusArgs
 
 if TYPE_CHECKING:
     from .mailbox_commands import Outcome, SelectedMailbox
@@ -471,7 +472,7 @@ class IMAPConnection:
     def do_login(self, command: P.Command, events: list[Event]) -> None:
         if self._privacy_refused(command, events):
             return
-        args: P.Login = command.args
+        args: Login = command.args
         try:
             user = args.user.decode("utf-8")
             password = args.password.decode("utf-8")
@@ -485,7 +486,7 @@ class IMAPConnection:
         events.append(CheckLogin(user, password, "LOGIN"))
 
     def do_authenticate(self, command: P.Command, events: list[Event]) -> None:
-        args: P.Authenticate = command.args
+        args: Authenticate = command.args
         if args.mechanism != "PLAIN":
             return self._tagged(events, command.tag, R.NO, UNSUPPORTED_MECHANISM, error=True)
         if self._privacy_refused(command, events):
@@ -547,7 +548,7 @@ class IMAPConnection:
 
     def do_list(self, command: P.Command, events: list[Event]) -> None:
         """RFC 3501 §6.3.8-9: only INBOX (no hierarchy), subscribed."""
-        args: P.ListArgs = command.args
+        args: ListArgs = command.args
         lsub = command.name == "LSUB"
         if not args.pattern and not lsub:
             # The hierarchy delimiter and root name (RFC 3501 §6.3.8).
@@ -558,7 +559,7 @@ class IMAPConnection:
         self._tagged(events, command.tag, R.OK, f"{command.name} completed")
 
     def do_status(self, command: P.Command, events: list[Event]) -> None:
-        args: P.StatusArgs = command.args
+        args: StatusArgs = command.args
         if args.mailbox != INBOX:
             return self._tagged(events, command.tag, R.NO, ONLY_INBOX, code=R.CANNOT)
         self._start_work(command, "STATUS", events, args.items)

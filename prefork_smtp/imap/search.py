@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator, Sequence
 
-from . import parser as P
+from . import commands as C
 from . import response as R
 from .message import MailItem, Message, sent_date
 
@@ -56,13 +56,13 @@ class _Context:
 Matcher = Callable[[MailItem, _Context], bool]
 
 
-def search(program: P.Search, items: Sequence[MailItem]) -> list[MailItem]:
+def search(program: C.Search, items: Sequence[MailItem]) -> list[MailItem]:
     """The items that match, in the order given. `items` must be the whole mailbox (in
     sequence order): "*" is its largest sequence number and UID. Raises BadCharset."""
     return [item for item, matched in evaluate(program, items) if matched]
 
 
-def evaluate(program: P.Search, items: Sequence[MailItem]) -> Iterator[tuple[MailItem, bool]]:
+def evaluate(program: C.Search, items: Sequence[MailItem]) -> Iterator[tuple[MailItem, bool]]:
     """search() one message at a time: (item, whether it matches), in order, so that
     the caller can pause between messages. BadCharset is raised before the first."""
     match = compile_program(program)
@@ -72,7 +72,7 @@ def evaluate(program: P.Search, items: Sequence[MailItem]) -> Iterator[tuple[Mai
     return ((item, match(item, ctx)) for item in items)
 
 
-def compile_program(program: P.Search) -> Matcher:
+def compile_program(program: C.Search) -> Matcher:
     charset = _codec(program.charset)
     return _compile(program.key, charset)
 
@@ -89,28 +89,28 @@ def _needle(value: bytes, codec: str) -> str:
 
 # --- compiling keys to closures (table-driven by key type) -----------------------------
 
-def _compile(key: P.SearchKey, codec: str) -> Matcher:
+def _compile(key: C.SearchKey, codec: str) -> Matcher:
     return _COMPILERS[type(key)](key, codec)
 
 
-def _all(key: P.SearchAll, codec: str) -> Matcher:
+def _all(key: C.SearchAll, codec: str) -> Matcher:
     return lambda item, ctx: True
 
 
-def _flag(key: P.SearchFlag, codec: str) -> Matcher:
+def _flag(key: C.SearchFlag, codec: str) -> Matcher:
     wanted = key.flag.lower()
     present = key.present
     return lambda item, ctx: any(f.lower() == wanted for f in item.flags) == present
 
 
-def _size(key: P.SearchSize, codec: str) -> Matcher:
+def _size(key: C.SearchSize, codec: str) -> Matcher:
     n = key.size
     if key.larger:
         return lambda item, ctx: item.size > n
     return lambda item, ctx: item.size < n
 
 
-def _set(key: P.SearchSet, codec: str) -> Matcher:
+def _set(key: C.SearchSet, codec: str) -> Matcher:
     seqs = key.sequence_set
     if key.uid:
         return lambda item, ctx: seqs.contains(item.uid, ctx.max_uid)
@@ -124,7 +124,7 @@ _DATE_OPS = {
 }
 
 
-def _date(key: P.SearchDate, codec: str) -> Matcher:
+def _date(key: C.SearchDate, codec: str) -> Matcher:
     op, d = _DATE_OPS[key.op], key.date
     if key.sent:
         def sent(item: MailItem, ctx: _Context) -> bool:
@@ -134,7 +134,7 @@ def _date(key: P.SearchDate, codec: str) -> Matcher:
     return lambda item, ctx: op(item.internaldate.date(), d)
 
 
-def _header(key: P.SearchHeader, codec: str) -> Matcher:
+def _header(key: C.SearchHeader, codec: str) -> Matcher:
     name = key.field.lower().encode("ascii")
     needle = _needle(key.value, codec)
 
@@ -144,12 +144,12 @@ def _header(key: P.SearchHeader, codec: str) -> Matcher:
     return match
 
 
-def _body(key: P.SearchBody, codec: str) -> Matcher:
+def _body(key: C.SearchBody, codec: str) -> Matcher:
     needle = _needle(key.value, codec)
     return lambda item, ctx: _in_body(needle, ctx.load(item))
 
 
-def _text(key: P.SearchText, codec: str) -> Matcher:
+def _text(key: C.SearchText, codec: str) -> Matcher:
     needle = _needle(key.value, codec)
 
     def match(item: MailItem, ctx: _Context) -> bool:
@@ -164,56 +164,56 @@ def _in_body(needle: str, msg: Message) -> bool:
     return any(needle in text.casefold() for text in msg.text_parts())
 
 
-def _not(key: P.SearchNot, codec: str) -> Matcher:
+def _not(key: C.SearchNot, codec: str) -> Matcher:
     inner = _compile(key.key, codec)
     return lambda item, ctx: not inner(item, ctx)
 
 
-def _or(key: P.SearchOr, codec: str) -> Matcher:
+def _or(key: C.SearchOr, codec: str) -> Matcher:
     left, right = _ordered([key.left, key.right])
     a, b = _compile(left, codec), _compile(right, codec)
     return lambda item, ctx: a(item, ctx) or b(item, ctx)
 
 
-def _and(key: P.SearchAnd, codec: str) -> Matcher:
+def _and(key: C.SearchAnd, codec: str) -> Matcher:
     matchers = [_compile(k, codec) for k in _ordered(list(key.keys))]
     return lambda item, ctx: all(m(item, ctx) for m in matchers)
 
 
 _COMPILERS: dict[type, Callable[..., Matcher]] = {
-    P.SearchAll: _all, P.SearchFlag: _flag, P.SearchSize: _size, P.SearchSet: _set,
-    P.SearchDate: _date, P.SearchHeader: _header, P.SearchBody: _body,
-    P.SearchText: _text, P.SearchNot: _not, P.SearchOr: _or, P.SearchAnd: _and,
+    C.SearchAll: _all, C.SearchFlag: _flag, C.SearchSize: _size, C.SearchSet: _set,
+    C.SearchDate: _date, C.SearchHeader: _header, C.SearchBody: _body,
+    C.SearchText: _text, C.SearchNot: _not, C.SearchOr: _or, C.SearchAnd: _and,
 }
 
 
 # --- evaluation order: cheap keys first ------------------------------------------------
 
-def _cost(key: P.SearchKey) -> int:
+def _cost(key: C.SearchKey) -> int:
     """0: no content; 1: headers; 2: the body."""
-    if isinstance(key, (P.SearchBody, P.SearchText)):
+    if isinstance(key, (C.SearchBody, C.SearchText)):
         return 2
-    if isinstance(key, P.SearchHeader) or (isinstance(key, P.SearchDate) and key.sent):
+    if isinstance(key, C.SearchHeader) or (isinstance(key, C.SearchDate) and key.sent):
         return 1
-    if isinstance(key, P.SearchNot):
+    if isinstance(key, C.SearchNot):
         return _cost(key.key)
-    if isinstance(key, P.SearchOr):
+    if isinstance(key, C.SearchOr):
         return max(_cost(key.left), _cost(key.right))
-    if isinstance(key, P.SearchAnd):
+    if isinstance(key, C.SearchAnd):
         return max((_cost(k) for k in key.keys), default=0)
     return 0
 
 
-def _ordered(keys: list[P.SearchKey]) -> list[P.SearchKey]:
+def _ordered(keys: list[C.SearchKey]) -> list[C.SearchKey]:
     return sorted(keys, key=_cost)
 
 
-def needs_content(program: P.Search) -> bool:
+def needs_content(program: C.Search) -> bool:
     """Whether evaluating the program may load messages."""
     return _cost(program.key) > 0
 
 
-def content_cost(program: P.Search) -> int:
+def content_cost(program: C.Search) -> int:
     """How much of each message evaluating the program may read: 0 nothing, 1 the
     header, 2 the body too (so a caller can hand out header-only messages for 1)."""
     return _cost(program.key)

@@ -1,6 +1,6 @@
 """A POP3 session's maildrop, as the session needs it from the mail store.
 
-Owns: adapting store.mailstore.Pop3Maildrop (the messages there at login, their sizes
+Owns: adapting store.mailbox_views.Pop3Maildrop (the messages there at login, their sizes
 and UIDLs, deletion at commit, one POP3 session per mailbox across all processes) to
 what the POP3 protocol and session ask: the listing, small messages read whole (with
 the ones after them, for a client retrieving in order: one thread hop then serves
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from ..store import mailstore
+from ..store import mailbox_views, mailstore
 
 # One thread hop carries up to this much of a message.
 BATCH_BYTES = 256 * 1024
@@ -61,7 +61,7 @@ class MessageReader:
 
 
 class Maildrop:
-    def __init__(self, drop: mailstore.Pop3Maildrop, name: str):
+    def __init__(self, drop: mailbox_views.Pop3Maildrop, name: str):
         self._drop = drop
         self.name = name
         self.messages = [(drop.size(n), drop.uidl(n)) for n in range(1, drop.count + 1)]
@@ -106,8 +106,8 @@ def open_maildrop(spool_dir: str, name: str) -> Maildrop:
     """Lock and snapshot SPOOL/name for a POP3 session (a user's mailbox is named as
     the user: SPEC §9)."""
     try:
-        return Maildrop(mailstore.Pop3Maildrop(spool_dir, name), name)
-    except mailstore.MailboxInUse:
+        return Maildrop(mailbox_views.Pop3Maildrop(spool_dir, name), name)
+    except mailbox_views.MailboxInUse:
         raise MaildropInUse(name) from None
     except mailstore.MailboxError as e:
         raise MaildropError(str(e)) from None
