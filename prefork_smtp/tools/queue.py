@@ -12,7 +12,9 @@ the three actions: --flush leaves a flag file that the delivery process looks fo
 at least once a second (it then tries every deferred copy at once, backoff or not);
 --requeue appends each failed copy to the queue log as a worker's committer would
 (a new queue ID, its old arrival time), waits until the record is durable, removes
-the failed file and wakes delivery the same way; --delete takes queued copies out
+the failed file and wakes delivery the same way (only while ccsmtp runs: after a
+crash the log's shared state is rebuilt at start-up, and an append before that
+could overwrite acknowledged records); --delete takes queued copies out
 (a "-" line in the log's done file, which delivery reads within a second) or removes
 failed files.
 Safe while the server runs: it only reads the log, appends to it under the log's own
@@ -47,8 +49,9 @@ import time
 from typing import Any, NoReturn, Sequence
 
 from ..config import ConfigError, build
-from ..layout import DEFAULT_SPOOL, STATE_DIR, state_path
+from ..layout import DEFAULT_SPOOL, DELIVERY_LOCK, STATE_DIR, state_path
 from ..store import delivery_state, failed, queue
+from ..store.fsutil import lock_ofd
 
 PROG = "ccsmtp-queue"
 
@@ -237,20 +240,27 @@ def flush(spool: str) -> dict[str, Any]:
 
 
 def delivery_running(spool: str) -> bool:
-    state = delivery_state.read(spool)
-    pid = (state or {}).get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    """Whether a delivery process runs for this spool: it holds delivery.lock (and it
+    is forked only after the master brought the queue log to a known state)."""
+    try:
+        fd = os.open(state_path(spool, DELIVERY_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        lock_ofd(fd, wait=False, shared=True)
+    except BlockingIOError:
         return True
-    return True
+    finally:
+        os.close(fd)      # closing the description drops a lock we got
+    return False
 
 
 def requeue(spool: str, ids: Sequence[str]) -> dict[str, Any]:
+    if not delivery_running(spool):
+        # After a crash the log's shared state is rebuilt when ccsmtp starts; an
+        # append before that could land on acknowledged records.
+        raise Failure(f"ccsmtp is not running with spool {spool}: start it, then requeue "
+                      "(the queue log is put in order at its start)")
     copies = failed.listing(spool)
     if list(ids) == ["all"]:
         chosen = copies
