@@ -42,6 +42,7 @@ import pytest
 from conftest import (DOMAIN, IS_ROOT, QUEUED, REPO, SENDER, Server, make_message,
                       record_figures)
 from fake_lmtp import DROP, STALL, FakeLMTP
+from prefork_smtp.store.lmtp_sink import CONNECTIONS
 from servers import Dovecot, dovecot, dovecot_factory, haproxy_factory, listening  # noqa: F401
 
 QUEUE_TOOL = REPO / "bin" / "ccsmtp-queue"
@@ -344,7 +345,10 @@ def test_a_deferred_copy_shows_its_last_error_waits_alone_and_can_be_deleted(sta
         server.send([f"bob@{DOMAIN}"], make_message("<lmtp-452-bob@test>"))
         wait_for(lambda: len([m for m in switch.fake.messages if m.complete]) == 2, "bob's second",
                  server=server)
-        listing = queue_json(server)
+        # delivery.state is rewritten at most once a second.
+        listing = wait_for(lambda: (lambda q: q if q["queued"] and q["queued"][0]["recipients"][0]
+                                    ["last_error"] else None)(queue_json(server)),
+                           "the last error in the listing", 5, server)
         [queued] = listing["queued"]
         assert queued["id"] == first
         [rcpt] = queued["recipients"]
@@ -544,7 +548,7 @@ def test_dovecot_killed_under_load_for_10_s_loses_nothing(start_server, dovecot_
     assert peak >= acked_while_down * 0.8 and down[-1] >= down[0], (line, down)
     # Retries back off to at most 30 s apart: drained well within 30 s of the restart.
     assert drained_after_restart < 40, line
-    assert figures["messages_duplicated_by_delivery"] <= 2, line
+    assert figures["messages_duplicated_by_delivery"] <= CONNECTIONS, line
     assert log.count(" unreachable: ") == 1
     assert re.search(r"queue growing: \d+ messages", log), log[-3000:]
     assert "reachable again after" in log and "queue drained: " in log, log[-3000:]
@@ -554,7 +558,8 @@ def test_dovecot_killed_under_load_for_10_s_loses_nothing(start_server, dovecot_
 def test_delivery_killed_9_at_random_under_load_loses_nothing(start_server, dovecot_factory):
     """The delivery process is killed -9 every 0.3-1.5 s while senders go on. Nothing
     acknowledged is lost; a message is handed to Dovecot twice only when the kill came
-    between Dovecot's 250 and the queue's update: at most one message per kill."""
+    between Dovecot taking it and the queue's update: at most the CONNECTIONS
+    transactions then running, per kill."""
     users = ["alice", "bob", "carol"]
     instance = dovecot_factory(users=tuple(users))
     server = start_lmtp_server(start_server, instance, workers=2)
@@ -584,7 +589,9 @@ def test_delivery_killed_9_at_random_under_load_loses_nothing(start_server, dove
         messages_sent=len(sent), acknowledged=sum(1 for s in sent if s.acked),
         unanswered_attempts=sum(s.uncertain for s in sent), drain_s=round(drain_s, 1), **figures)
     assert kills >= KILL_SECONDS / 1.5 - 1 and sum(1 for s in sent if s.acked) > 100, line
-    assert figures["messages_duplicated_by_delivery"] <= kills, line
+    # Each kill can catch at most the transactions then running (CONNECTIONS) between
+    # Dovecot storing a message and the queue's update.
+    assert figures["messages_duplicated_by_delivery"] <= kills * CONNECTIONS, line
 
 
 # --- SMTPUTF8 --------------------------------------------------------------------------------
@@ -782,6 +789,6 @@ def test_recipe_two_instances_behind_haproxy_into_one_dovecot(start_server, hapr
         copies_acknowledged=figures["copies_acknowledged"])
     assert sum(1 for s in sent if s.acked) > 200, line
     assert set(by_instance) == {"mx1.example.org", "mx2.example.org"}, line
-    # One process group killed once: at most the one message its delivery had in hand.
-    assert figures["messages_duplicated_by_delivery"] <= 1, line
+    # One process group killed once: at most the messages its delivery had in hand.
+    assert figures["messages_duplicated_by_delivery"] <= CONNECTIONS, line
     assert not gaps or gaps[-1] < 10, line

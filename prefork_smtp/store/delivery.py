@@ -44,7 +44,7 @@ import select
 import signal
 import socket
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from setproctitle import setproctitle
 
@@ -54,7 +54,8 @@ from ..layout import DELIVERY_LOCK, state_path
 from . import delivery_state, failed, queue
 from .envelope import Recipient
 from .fsutil import lock_ofd, unlink_quietly
-from .sink import DELIVERED, ERROR_RETRY_S, FAILED, Copy, Outcome, Sink, deferred, sink_for
+from .sink import (DELIVERED, ERROR_RETRY_S, FAILED, Abandoned, Copy, Outcome, Sink, deferred,
+                   sink_for)
 
 log = logging.getLogger("ccsmtp.local")
 
@@ -73,11 +74,6 @@ BEAT_INTERVAL_S = 0.5              # heartbeats while a sink waits on a server
 QUEUE_REPORT_S = 5.0
 QUEUE_REPORT_SLOW_AFTER_S = 60.0
 QUEUE_REPORT_SLOW_S = 60.0
-
-
-class DeliveryAborted(Exception):
-    """Raised from the sink's progress callback: stop waiting on the server (fast
-    stop, or the graceful stop's time is up). The copies stay queued."""
 
 
 @dataclasses.dataclass
@@ -133,7 +129,7 @@ class Delivery:
         self.retry_at: dict[str, float] = {}
         self.sink = sink or sink_for(config, self._progress)
         self.relay = getattr(self.sink, "relay", "local")
-        self._per_message = callable(getattr(self.sink, "deliver_message", None))
+        self._per_message = callable(getattr(self.sink, "deliver_messages", None))
         # The destination as a whole (an LMTP server that does not answer).
         self.unreachable_until = 0.0     # monotonic: nothing goes there before
         self.unreachable_since: float | None = None    # time.time() of the first failure
@@ -276,7 +272,7 @@ class Delivery:
         if now - self._beat_at >= BEAT_INTERVAL_S:
             self._beat()
         if self._quitting or (self._stop_by is not None and now > self._stop_by):
-            raise DeliveryAborted()
+            raise Abandoned()
 
     def pending(self) -> int:
         """Messages still in the queue (delivered but not yet durable ones included)."""
@@ -339,7 +335,7 @@ class Delivery:
                     break
         due = self._copies_due(budget)
         if self._per_message:
-            self._hand_over_messages(due)
+            self._hand_over_messages(due)    # reads content as it goes, for one round's worth
         else:
             by_mailbox: dict[str, list[tuple[SegmentState, Entry, Copy]]] = collections.defaultdict(list)
             for state, entry, copies in due:
@@ -413,14 +409,15 @@ class Delivery:
         state.read_all = at_end
         return size
 
-    def _copies_due(self, budget: int) -> list[tuple[SegmentState, Entry, list[Copy]]]:
-        """Per message, oldest first, its copies that may go now, with its content."""
+    def _copies_due(self, budget: int) -> Iterator[tuple[SegmentState, Entry, list[Copy]]]:
+        """Per message, oldest first, its copies that may go now, with its content
+        (read when the message's turn comes: a per-message sink takes a round's worth
+        of a long queue, not all of it). Entries may be finished meanwhile."""
         now = time.monotonic()
-        out: list[tuple[SegmentState, Entry, list[Copy]]] = []
         if now < self.unreachable_until:
-            return out
-        for state in self.segments.values():
-            for entry in state.entries.values():
+            return
+        for state in list(self.segments.values()):
+            for entry in list(state.entries.values()):
                 due = [mb for mb in entry.left if self.retry_at.get(mb, 0.0) <= now]
                 if not due:
                     continue
@@ -433,15 +430,14 @@ class Delivery:
                         log.error("%s: cannot read its queue record again: %s", entry.queue_id, e)
                         continue
                     budget -= len(entry.message.content)
-                out.append((state, entry, [Copy(entry.message, entry.left[mailbox], mailbox)
-                                           for mailbox in due]))
-        return out
+                yield state, entry, [Copy(entry.message, entry.left[mailbox], mailbox)
+                                     for mailbox in due]
 
     def _hand_over(self, mailbox: str, items: list[tuple[SegmentState, Entry, Copy]]) -> None:
         """A mailbox's copies, in one go (the mbox sink: one lock, one append)."""
         try:
             outcomes = self.sink.deliver(mailbox, [copy for _, _, copy in items])
-        except DeliveryAborted:
+        except Abandoned:
             return
         released: list[tuple[int, int, str]] = []
         for (state, entry, copy), outcome in zip(items, outcomes):
@@ -449,29 +445,38 @@ class Delivery:
         if released:
             self._release(released)
 
-    def _hand_over_messages(self, due: list[tuple[SegmentState, Entry, list[Copy]]]) -> None:
+    def _hand_over_messages(self, due: Iterator[tuple[SegmentState, Entry, list[Copy]]]) -> None:
         """Message by message, every due copy of each in one go (LMTP: one
-        transaction); its copies leave the queue right after, to keep the window in
-        which a crash hands a copy over twice as short as it can be."""
+        transaction; the sink runs a few at once); each message's copies leave the
+        queue as soon as it is settled, to keep the window in which a crash hands a
+        copy over twice as short as it can be."""
         ends = time.monotonic() + MESSAGE_ROUND_S
-        for state, entry, copies in due:
-            now = time.monotonic()
-            if self._quitting or now > ends or now < self.unreachable_until or \
-                    (self._stop_by is not None and now > self._stop_by):
-                break
-            # A mailbox deferred by an earlier message of this round waits too.
-            copies = [c for c in copies if self.retry_at.get(c.mailbox, 0.0) <= now]
-            if not copies:
-                continue
-            try:
-                outcomes = self.sink.deliver_message(copies)   # type: ignore[attr-defined]
-            except DeliveryAborted:
-                break
+        Key = tuple[SegmentState, Entry, list[Copy]]
+
+        def messages() -> Iterator[tuple[Key, list[Copy]]]:
+            for state, entry, copies in due:
+                now = time.monotonic()
+                if self._quitting or now > ends or now < self.unreachable_until or \
+                        (self._stop_by is not None and now > self._stop_by):
+                    return
+                # A mailbox deferred by an earlier message of this round waits too.
+                copies = [c for c in copies if self.retry_at.get(c.mailbox, 0.0) <= now]
+                if copies:
+                    yield (state, entry, copies), copies
+
+        def settle(key: Key, outcomes: list[Outcome]) -> None:
+            state, entry, copies = key
             released: list[tuple[int, int, str]] = []
             for copy, outcome in zip(copies, outcomes):
                 self._settle_copy(state, entry, copy, outcome, released)
             if released:
                 self._release(released)
+            entry.message = None
+
+        try:
+            self.sink.deliver_messages(messages(), settle)   # type: ignore[attr-defined]
+        except Abandoned:
+            pass
 
     def _settle_copy(self, state: SegmentState, entry: Entry, copy: Copy, outcome: Outcome,
                      released: list[tuple[int, int, str]]) -> None:

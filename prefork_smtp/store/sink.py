@@ -62,6 +62,12 @@ def failed(reason: str) -> Outcome:
     return Outcome(FAILED, reason)
 
 
+class Abandoned(Exception):
+    """Raised by a progress callback to make a sink stop waiting on its destination
+    (a fast stop, or a graceful stop's time is up). The copies it had in hand get
+    no outcome and stay queued."""
+
+
 def unreachable(reason: str, retry_after_s: float) -> Outcome:
     """Deferred, and so is everything else for this destination until retry_after_s."""
     return Outcome(DEFERRED, reason, retry_after_s, destination=True)
