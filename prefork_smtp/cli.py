@@ -33,6 +33,7 @@ from .process.master import Master
 from .process.scoreboard import Scoreboard
 from .process.shared import SharedMemory
 from .services import SERVICES
+from .store import lmtp_sink  # noqa: F401  (sink_for imports it when delivery = lmtp:)
 from .store import spool
 
 PROG = "ccsmtp-master"

@@ -75,6 +75,22 @@ class DeliveryTarget:
 MBOX_DELIVERY = DeliveryTarget("mbox")
 
 
+class Domains(frozenset):
+    """The local domains: a set that remembers the first one named, the domain of a
+    bare local-part when delivery must name one (LMTP's RCPT TO, SPEC §11; as
+    Postfix appends $myorigin)."""
+
+    first: str
+
+    def __new__(cls, names: "list[str] | tuple[str, ...]") -> "Domains":
+        domains = super().__new__(cls, names)
+        domains.first = names[0] if names else "localhost"
+        return domains
+
+    def __reduce__(self):   # type: ignore[override]
+        return (Domains, ([self.first] + sorted(self - {self.first}),))
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     workers: int
@@ -140,9 +156,9 @@ def default_hostname() -> str:
     return (qualified or names or ["localhost"])[0]
 
 
-def default_domains(hostname: str) -> frozenset[str]:
-    """As Postfix's mydestination: $myhostname, the host's other names, localhost."""
-    return frozenset({hostname.lower(), "localhost", *(n.lower() for n in host_names())})
+def default_domains(hostname: str) -> Domains:
+    """As Postfix's mydestination: $myhostname (first), the host's other names, localhost."""
+    return Domains([hostname.lower(), "localhost", *(n.lower() for n in host_names())])
 
 
 def default_listen() -> tuple[ListenAddress, ...]:
@@ -326,7 +342,7 @@ KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "user": ("user", _text),
     "group": ("group", _text),
     "spool": ("spool_dir", _text),
-    "domains": ("domains", lambda v, k: frozenset(_list(_domain)(v, k))),
+    "domains": ("domains", lambda v, k: Domains(_list(_domain)(v, k))),
     "hostname": ("hostname", _hostname),
     "max_size": ("max_size_bytes", _bytes),
     "max_recipients": ("max_recipients", _int(1)),

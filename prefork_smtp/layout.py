@@ -16,6 +16,9 @@ STATE_DIR = ".ccsmtp"
 SCOREBOARD = "scoreboard"
 DELIVERY_LOCK = "delivery.lock"
 DELIVERY_JOURNAL = "delivery.journal"
+DELIVERY_STATE = "delivery.state"  # delivery's view of the queue, for ccsmtp-queue and -status
+FLUSH_REQUEST = "flush"            # ccsmtp-queue --flush: retry every deferred copy now
+FAILED_DIR = "failed"              # copies refused for good (5xx), until requeued or deleted
 
 
 # SPEC §6: [a-z0-9._-], never a leading '.', never ending in '.lock', at most 250 octets

@@ -274,6 +274,23 @@ class Dovecot:
                 return found
             time.sleep(0.05)
 
+    def add_user(self, user: str) -> None:
+        """A new mail user (Dovecot reads its passwd-file again when it changes)."""
+        accounts = Accounts.for_this_process()
+        with open(self.root / "passwd", "a") as f:
+            f.write(f"{user}:{{PLAIN}}{self.password}:{accounts.mail_uid}:{accounts.mail_gid}"
+                    f"::{self.home(user)}\n")
+        self.users = self.users + (user,)
+
+    def restart(self) -> None:
+        """Start it again after stop(): same configuration, ports and mail."""
+        assert self.proc.poll() is not None, "stop() it first"
+        self.proc = _spawn_dovecot(self.config_path, self.root / "dovecot.stderr")
+        for port in (self.lmtp_port, self.imap_port):
+            if port:
+                wait_until(lambda: read_greeting("127.0.0.1", port), self.proc,
+                           f"greeting on port {port}")
+
     def doveadm(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["doveadm", "-c", str(self.config_path), *args],
                               capture_output=True, timeout=30)
@@ -367,9 +384,7 @@ def start_dovecot(users: Sequence[str] = ("alice", "bob"), imap: bool = False) -
     config_path = root / "dovecot.conf"
     config_path.write_text(dovecot_config(root, accounts, lmtp_port, imap_port))
     stderr_path = root / "dovecot.stderr"
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen([binary, "-F", "-c", str(config_path)], stdin=subprocess.DEVNULL,
-                                stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _spawn_dovecot(config_path, stderr_path)
     dovecot = Dovecot(root, config_path, root / "dovecot.log", lmtp_port, root / "run" / "lmtp",
                       imap_port, tuple(users), proc)
     try:
@@ -382,6 +397,13 @@ def start_dovecot(users: Sequence[str] = ("alice", "bob"), imap: bool = False) -
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"Dovecot cannot start here: {e}: {why[-800:]}")
     return dovecot
+
+
+def _spawn_dovecot(config_path: Path, stderr_path: Path) -> subprocess.Popen:
+    binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
+    with open(stderr_path, "ab") as err:
+        return subprocess.Popen([binary, "-F", "-c", str(config_path)], stdin=subprocess.DEVNULL,
+                                stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def remove_dovecot(dovecot: Dovecot) -> None:

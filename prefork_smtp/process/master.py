@@ -13,7 +13,6 @@ Runs unprivileged: root was dropped before the master was made.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import select
@@ -208,7 +207,10 @@ class Master:
         def body(slot: int) -> int:
             for listener in self.listeners:
                 listener.sock.close()   # delivery never accepts connections
-            heartbeat = functools.partial(self.scoreboard.beat, slot)
+            def heartbeat(delivered: int) -> None:
+                # Copies delivered count as served: a delivery process killed from
+                # outside after its first delivery did not fail to start (_after_death).
+                self.scoreboard.beat(slot, delivered, served=delivered)
             return Delivery(self.config, self.notify_recv, heartbeat, self.pid).run()
         self._fork(DELIVERY, 0, body)
 

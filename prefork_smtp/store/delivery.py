@@ -11,10 +11,27 @@ queues in front of an acknowledgement -- or performs it itself after
 FULL_SYNC_WAIT_S when the log is quiet; it asks at most every SYNC_BATCH_S. Only
 then are the copies written to the segment's done file, data files of large
 messages removed, and segments whose every copy is delivered handed back for reuse.
+
+A sink with deliver_message (LMTP) gets every due copy of one message at once (one
+transaction for all its recipients); its copies are durable at the server's 250, so
+they leave the queue right after each message. A destination that cannot be reached
+defers everything for it until the sink's delay is up (1 s doubling to 30 s for
+LMTP): the workers keep accepting, the queue is the buffer, and the log says so
+every few seconds (queue depth, oldest age) instead of once per copy per retry. A
+copy the destination refuses for good is kept in SPOOL/.ccsmtp/failed/ (failed.py)
+before it leaves the queue; nothing is sent back to anyone.
+
+For the tools (delivery_state.py): SPOOL/.ccsmtp/delivery.state, rewritten at most
+once a second, says how deep the queue is, how old its oldest message, whether the
+destination is reachable and the last error of each deferred copy; the flag file
+SPOOL/.ccsmtp/flush (ccsmtp-queue --flush, --requeue) makes every deferred copy due
+at once.
 Must not: speak SMTP or write outside SPOOL (mbox.py enforces safe names).
 Runs as the unprivileged user, one at a time (an OFD lock on
 SPOOL/.ccsmtp/delivery.lock). On TERM it delivers what it can within
-graceful_timeout and exits; what is left stays queued for the next start.
+graceful_timeout and exits (at once if the destination is unreachable); what is left
+stays queued for the next start. While a sink waits on a server it calls back at
+least once a second: the heartbeat goes on, and a stop is noticed.
 """
 
 from __future__ import annotations
@@ -27,16 +44,18 @@ import select
 import signal
 import socket
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from setproctitle import setproctitle
 
 from .. import logs
 from ..config import Config
 from ..layout import DELIVERY_LOCK, state_path
-from . import queue
+from . import delivery_state, failed, queue
+from .envelope import Recipient
 from .fsutil import lock_ofd, unlink_quietly
-from .sink import DELIVERED, FAILED, Copy, Sink, sink_for
+from .sink import (DELIVERED, ERROR_RETRY_S, FAILED, Abandoned, Copy, Outcome, Sink, deferred,
+                   sink_for)
 
 log = logging.getLogger("ccsmtp.local")
 
@@ -47,6 +66,23 @@ FULL_SYNC_WAIT_S = 0.05            # then flush them ourselves: the log is quiet
 POLL_S = 0.005                     # while waiting for a flush to cover our appends
 ROUND_INTERVAL_S = 0.02            # rounds start at most this often
 DONE_RESCAN_S = 1.0                # done files: the queue tool's removals, looked for this often
+MESSAGE_ROUND_S = 1.0              # per-message sinks: hand over for at most this long a round
+STATE_INTERVAL_S = 1.0             # delivery.state: rewritten at most this often
+BEAT_INTERVAL_S = 0.5              # heartbeats while a sink waits on a server
+# While the destination is unreachable, the log says how the queue grows this often:
+# every QUEUE_REPORT_S for the first QUEUE_REPORT_SLOW_AFTER_S, then every QUEUE_REPORT_SLOW_S.
+QUEUE_REPORT_S = 5.0
+QUEUE_REPORT_SLOW_AFTER_S = 60.0
+QUEUE_REPORT_SLOW_S = 60.0
+
+
+@dataclasses.dataclass
+class CopyError:
+    """The last deferral of one queued copy, for the log and ccsmtp-queue."""
+    error: str
+    since: float                      # time.time() of the first deferral
+    attempts: int
+    next_attempt: float               # time.time()
 
 
 @dataclasses.dataclass
@@ -91,7 +127,24 @@ class Delivery:
         self.master_pid = master_pid
         self.delivered = 0
         self.retry_at: dict[str, float] = {}
-        self.sink = sink or sink_for(config)
+        self.sink = sink or sink_for(config, self._progress)
+        self.relay = getattr(self.sink, "relay", "local")
+        self._per_message = callable(getattr(self.sink, "deliver_messages", None))
+        # The destination as a whole (an LMTP server that does not answer).
+        self.unreachable_until = 0.0     # monotonic: nothing goes there before
+        self.unreachable_since: float | None = None    # time.time() of the first failure
+        self.unreachable_error = ""
+        self.unreachable_attempts = 0
+        self._unreachable_next = 0.0     # time.time() of the next attempt
+        self._back_at = 0.0              # monotonic: when it answered again (0: draining done)
+        self._back_delivered = 0
+        self._report_at = 0.0
+        self._reported_messages = 0
+        self.copy_errors: dict[tuple[str, str], CopyError] = {}   # (queue ID, mailbox)
+        self._state_at = 0.0
+        self._state_written: dict | None = None
+        self._stop_by: float | None = None
+        self._beat_at = 0.0
         self.log = queue.Log(config.spool_dir)
         self.segments: dict[int, SegmentState] = {}
         # Handed over, waiting for a flush: (segment base, lsn, mailbox).
@@ -151,23 +204,29 @@ class Delivery:
         return fd
 
     def _loop(self) -> None:
-        stop_by = None
         while not self._quitting:
-            if self._stopping and stop_by is None:
-                stop_by = time.monotonic() + self.config.graceful_timeout_s
+            if self._stopping and self._stop_by is None:
+                self._stop_by = time.monotonic() + self.config.graceful_timeout_s
+                self.unreachable_until = 0.0    # one more try before leaving it queued
                 log.info("delivery stopping: delivering what is queued")
             if self._reopen_logs:
                 self._reopen_logs = False
                 logs.reopen()
+            if delivery_state.take_flush_request(self.config.spool_dir):
+                self.flush_requested()
             started = time.monotonic()
             self.deliver_round()
+            stop_by = self._stop_by
             self.settle(force=stop_by is not None)
             pending = self.pending()
             self._beat()
+            self.report(pending)
             logs.flush_pending()
-            if stop_by is not None and (not pending or time.monotonic() > stop_by):
+            if stop_by is not None and (not pending or time.monotonic() > stop_by
+                                        or self.unreachable_since is not None):
                 if pending:
-                    log.warning("delivery stopping with %d message(s) still queued", pending)
+                    why = f" ({self.relay} unreachable)" if self.unreachable_since is not None else ""
+                    log.warning("delivery stopping with %d message(s) still queued%s", pending, why)
                 return
             if self.master_pid and os.getppid() != self.master_pid:
                 self._stopping = True
@@ -182,9 +241,12 @@ class Delivery:
             time.sleep(max(0.0, started + ROUND_INTERVAL_S - time.monotonic()))
 
     def _next_retry_in(self) -> float:
-        if not self.retry_at:
+        due = list(self.retry_at.values())
+        if self.unreachable_until:
+            due.append(self.unreachable_until)
+        if not due:
             return RESCAN_S
-        return max(0.01, min(RESCAN_S, min(self.retry_at.values()) - time.monotonic()))
+        return max(0.01, min(RESCAN_S, min(due) - time.monotonic()))
 
     def _wait(self, timeout: float) -> None:
         waiting = [self._wakeup_r] + ([self.notify] if self.notify else [])
@@ -204,9 +266,18 @@ class Delivery:
             pass
 
     def _beat(self) -> None:
+        self._beat_at = time.monotonic()
         setproctitle(f"ccsmtp: delivery [{self.delivered} msgs delivered]")
         if self.heartbeat is not None:
             self.heartbeat(self.delivered)
+
+    def _progress(self) -> None:
+        """Called by the sink while it waits on a server (at least once a second)."""
+        now = time.monotonic()
+        if now - self._beat_at >= BEAT_INTERVAL_S:
+            self._beat()
+        if self._quitting or (self._stop_by is not None and now > self._stop_by):
+            raise Abandoned()
 
     def pending(self) -> int:
         """Messages still in the queue (delivered but not yet durable ones included)."""
@@ -267,11 +338,18 @@ class Delivery:
                 budget -= got
                 if not got:
                     break
-        by_mailbox = self._copies_due(budget)
-        for mailbox, copies in by_mailbox.items():
-            if self._quitting:
-                break
-            self._hand_over(mailbox, copies)
+        due = self._copies_due(budget)
+        if self._per_message:
+            self._hand_over_messages(due)    # reads content as it goes, for one round's worth
+        else:
+            by_mailbox: dict[str, list[tuple[SegmentState, Entry, Copy]]] = collections.defaultdict(list)
+            for state, entry, copies in due:
+                for copy in copies:
+                    by_mailbox[copy.mailbox].append((state, entry, copy))
+            for mailbox, items in by_mailbox.items():
+                if self._quitting:
+                    break
+                self._hand_over(mailbox, items)
         for state in self.segments.values():
             for entry in state.entries.values():
                 entry.message = None   # content is read again if a copy is still due
@@ -299,6 +377,7 @@ class Delivery:
             entry = by_id.get(queue_id)
             if entry is None:
                 continue
+            self.copy_errors.pop((queue_id, mailbox), None)
             if entry.left.pop(mailbox, None) is not None and removed:
                 log.info("%s: copy for mailbox %s removed from the queue", queue_id, mailbox)
             if entry.finished:
@@ -335,11 +414,15 @@ class Delivery:
         state.read_all = at_end
         return size
 
-    def _copies_due(self, budget: int) -> dict[str, list[tuple[SegmentState, Entry, Copy]]]:
+    def _copies_due(self, budget: int) -> Iterator[tuple[SegmentState, Entry, list[Copy]]]:
+        """Per message, oldest first, its copies that may go now, with its content
+        (read when the message's turn comes: a per-message sink takes a round's worth
+        of a long queue, not all of it). Entries may be finished meanwhile."""
         now = time.monotonic()
-        by_mailbox: dict[str, list[tuple[SegmentState, Entry, Copy]]] = collections.defaultdict(list)
-        for state in self.segments.values():
-            for entry in state.entries.values():
+        if now < self.unreachable_until:
+            return
+        for state in list(self.segments.values()):
+            for entry in list(state.entries.values()):
                 due = [mb for mb in entry.left if self.retry_at.get(mb, 0.0) <= now]
                 if not due:
                     continue
@@ -352,37 +435,201 @@ class Delivery:
                         log.error("%s: cannot read its queue record again: %s", entry.queue_id, e)
                         continue
                     budget -= len(entry.message.content)
-                for mailbox in due:
-                    by_mailbox[mailbox].append(
-                        (state, entry, Copy(entry.message, entry.left[mailbox], mailbox)))
-        return by_mailbox
+                yield state, entry, [Copy(entry.message, entry.left[mailbox], mailbox)
+                                     for mailbox in due]
 
     def _hand_over(self, mailbox: str, items: list[tuple[SegmentState, Entry, Copy]]) -> None:
-        outcomes = self.sink.deliver(mailbox, [copy for _, _, copy in items])
-        now = time.monotonic()
-        durable = self.sink.durable_on_delivery
+        """A mailbox's copies, in one go (the mbox sink: one lock, one append)."""
+        try:
+            outcomes = self.sink.deliver(mailbox, [copy for _, _, copy in items])
+        except Abandoned:
+            return
         released: list[tuple[int, int, str]] = []
         for (state, entry, copy), outcome in zip(items, outcomes):
-            if outcome.kind == DELIVERED:
-                self.delivered += 1
-                self._log_copy(entry, entry.left.pop(mailbox), "sent",
-                               f"delivered to mailbox {mailbox}")
-                entry.unsynced.add(mailbox)
-                if not durable and not self._unsynced:
-                    self._unsynced_since = now
-                (released if durable else self._unsynced).append(
-                    (state.segment.base, entry.lsn, mailbox))
-                self.retry_at.pop(mailbox, None)
-            elif outcome.kind == FAILED:
-                self._log_copy(entry, entry.left.pop(mailbox), "bounced", outcome.reason)
-                entry.unsynced.add(mailbox)
-                released.append((state.segment.base, entry.lsn, mailbox))
-            else:
-                if mailbox not in self.retry_at or outcome.retry_after_s > 1.0:
-                    self._log_copy(entry, copy.recipient, "deferred", outcome.reason)
-                self.retry_at[mailbox] = now + outcome.retry_after_s
+            self._settle_copy(state, entry, copy, outcome, released)
         if released:
             self._release(released)
+
+    def _hand_over_messages(self, due: Iterator[tuple[SegmentState, Entry, list[Copy]]]) -> None:
+        """Message by message, every due copy of each in one go (LMTP: one
+        transaction; the sink runs a few at once); each message's copies leave the
+        queue as soon as it is settled, to keep the window in which a crash hands a
+        copy over twice as short as it can be."""
+        ends = time.monotonic() + MESSAGE_ROUND_S
+        Key = tuple[SegmentState, Entry, list[Copy]]
+
+        def messages() -> Iterator[tuple[Key, list[Copy]]]:
+            for state, entry, copies in due:
+                now = time.monotonic()
+                if self._quitting or now > ends or now < self.unreachable_until or \
+                        (self._stop_by is not None and now > self._stop_by):
+                    return
+                # A mailbox deferred by an earlier message of this round waits too.
+                copies = [c for c in copies if self.retry_at.get(c.mailbox, 0.0) <= now]
+                if copies:
+                    yield (state, entry, copies), copies
+
+        def settle(key: Key, outcomes: list[Outcome]) -> None:
+            state, entry, copies = key
+            released: list[tuple[int, int, str]] = []
+            for copy, outcome in zip(copies, outcomes):
+                self._settle_copy(state, entry, copy, outcome, released)
+            if released:
+                self._release(released)
+            entry.message = None
+
+        try:
+            self.sink.deliver_messages(messages(), settle)   # type: ignore[attr-defined]
+        except Abandoned:
+            pass
+
+    def _settle_copy(self, state: SegmentState, entry: Entry, copy: Copy, outcome: Outcome,
+                     released: list[tuple[int, int, str]]) -> None:
+        """Act on what the sink said about one copy."""
+        mailbox = copy.mailbox
+        key = (entry.queue_id, mailbox)
+        now = time.monotonic()
+        if outcome.kind == FAILED:
+            try:
+                name = failed.save(self.config.spool_dir, copy.message,
+                                   Recipient(copy.recipient, mailbox), outcome.reason, self.relay)
+            except (OSError, ValueError) as e:
+                outcome = deferred(f"{outcome.reason}; cannot keep it in failed/: "
+                                   f"{getattr(e, 'strerror', None) or e}", ERROR_RETRY_S)
+            else:
+                self._answered()
+                self.copy_errors.pop(key, None)
+                self._log_copy(entry, entry.left.pop(mailbox), "failed",
+                               f"{outcome.reason}; kept in failed/{name}, not returned to the sender")
+                entry.unsynced.add(mailbox)
+                released.append((state.segment.base, entry.lsn, mailbox))
+                return
+        if outcome.kind == DELIVERED:
+            self._answered()
+            self.delivered += 1
+            self._back_delivered += 1
+            self.copy_errors.pop(key, None)
+            self._log_copy(entry, entry.left.pop(mailbox), "sent",
+                           outcome.reason or f"delivered to mailbox {mailbox}")
+            entry.unsynced.add(mailbox)
+            durable = self.sink.durable_on_delivery
+            if not durable and not self._unsynced:
+                self._unsynced_since = now
+            (released if durable else self._unsynced).append((state.segment.base, entry.lsn, mailbox))
+            self.retry_at.pop(mailbox, None)
+        elif outcome.destination:
+            self._unreachable(outcome, now)
+        else:
+            self._answered()
+            known = self.copy_errors.get(key)
+            if known is None or known.error != outcome.reason:
+                self._log_copy(entry, copy.recipient, "deferred", outcome.reason)
+            wall = time.time()
+            self.copy_errors[key] = CopyError(outcome.reason, known.since if known else wall,
+                                              (known.attempts if known else 0) + 1,
+                                              wall + outcome.retry_after_s)
+            self.retry_at[mailbox] = now + outcome.retry_after_s
+
+    # --- an unreachable destination, and what the tools see --------------------------
+
+    def _unreachable(self, outcome: Outcome, now: float) -> None:
+        if now < self.unreachable_until:
+            return                        # another copy of the same attempt
+        self.unreachable_until = now + outcome.retry_after_s
+        self._unreachable_next = time.time() + outcome.retry_after_s
+        self.unreachable_error = outcome.reason
+        self.unreachable_attempts += 1
+        if self.unreachable_since is None:
+            self.unreachable_since = time.time()
+            self._back_at = 0.0
+            self._report_at = now + QUEUE_REPORT_S
+            self._reported_messages = self.queued_messages()
+            log.warning("%s unreachable: %s; mail stays queued (%d messages) and is retried "
+                        "1 s, then up to 30 s apart", self.relay, outcome.reason,
+                        self._reported_messages)
+
+    def _answered(self) -> None:
+        """The destination answered (whatever it said): it is reachable."""
+        if self.unreachable_since is None:
+            return
+        down_s = time.time() - self.unreachable_since
+        log.info("%s reachable again after %.1f s (%d attempts): delivering %d queued "
+                 "messages", self.relay, down_s, self.unreachable_attempts,
+                 self.queued_messages())
+        self.unreachable_since = None
+        self.unreachable_until = 0.0
+        self.unreachable_error = ""
+        self.unreachable_attempts = 0
+        self._back_at = time.monotonic()
+        self._back_delivered = 0
+
+    def flush_requested(self) -> None:
+        """ccsmtp-queue asked: every deferred copy is due now, whatever its delay."""
+        waiting = len(self.retry_at) + (1 if self.unreachable_until else 0)
+        log.info("flush requested: retrying %s now", "every deferred copy" if waiting
+                 else "(nothing was deferred)")
+        self.retry_at.clear()
+        self.unreachable_until = 0.0
+        self._done_rescan_at = 0.0     # and look for the queue tool's removals
+
+    def queued_messages(self) -> int:
+        return sum(len(state.entries) for state in self.segments.values())
+
+    def report(self, pending: int) -> None:
+        """The log line of a growing queue, and delivery.state, when they are due."""
+        now = time.monotonic()
+        if self.unreachable_since is not None and now >= self._report_at:
+            down_s = time.time() - self.unreachable_since
+            messages = self.queued_messages()
+            oldest = self._oldest()
+            log.warning("queue %s: %d messages (%d copies) waiting, the oldest for %.0f s; "
+                        "%s unreachable for %.0f s (%d attempts, next in %.0f s): %s",
+                        "growing" if messages > self._reported_messages else "waiting",
+                        messages, self._copies_left(), time.time() - oldest if oldest else 0.0,
+                        self.relay, down_s, self.unreachable_attempts,
+                        max(0.0, self.unreachable_until - now), self.unreachable_error)
+            self._reported_messages = messages
+            slow = down_s > QUEUE_REPORT_SLOW_AFTER_S
+            self._report_at = now + (QUEUE_REPORT_SLOW_S if slow else QUEUE_REPORT_S)
+        if self._back_at and not pending:
+            log.info("queue drained: %d copies delivered in %.1f s since %s answered again",
+                     self._back_delivered, now - self._back_at, self.relay)
+            self._back_at = 0.0
+        if now - self._state_at >= STATE_INTERVAL_S:
+            self._state_at = now
+            self._write_state()
+
+    def _oldest(self) -> float | None:
+        firsts = [next(iter(state.entries.values())).received_at
+                  for state in self.segments.values() if state.entries]
+        return min(firsts) if firsts else None
+
+    def _copies_left(self) -> int:
+        return sum(len(entry.left) for state in self.segments.values()
+                   for entry in state.entries.values())
+
+    def _write_state(self) -> None:
+        deferred_copies: dict[str, dict[str, dict]] = {}
+        for (queue_id, mailbox), error in list(self.copy_errors.items())[:delivery_state.MAX_DEFERRED]:
+            deferred_copies.setdefault(queue_id, {})[mailbox] = dataclasses.asdict(error)
+        unreachable = None
+        if self.unreachable_since is not None:
+            unreachable = {"since": self.unreachable_since, "error": self.unreachable_error,
+                           "attempts": self.unreachable_attempts,
+                           "next_attempt": self._unreachable_next if self.unreachable_until
+                           else time.time()}
+        state = {"pid": os.getpid(), "destination": self.relay if self.relay != "local"
+                 else str(self.config.delivery), "messages": self.queued_messages(),
+                 "copies": self._copies_left(), "oldest": self._oldest(),
+                 "unreachable": unreachable, "deferred": deferred_copies}
+        if state == self._state_written:
+            return
+        try:
+            delivery_state.write(self.config.spool_dir, {**state, "updated": time.time()})
+        except OSError as e:
+            log.warning("cannot write %s: %s", "delivery.state", e)
+            return
+        self._state_written = state
 
     # --- durability and clean-up ----------------------------------------------------
 
@@ -451,11 +698,10 @@ class Delivery:
                 self.log.forget(state.segment.seg_id)
                 del self.segments[base]
 
-    @staticmethod
-    def _log_copy(entry: Entry, recipient: str, status: str, detail: str) -> None:
+    def _log_copy(self, entry: Entry, recipient: str, status: str, detail: str) -> None:
         delay = max(0.0, time.time() - entry.received_at)
-        log.info("%s: to=<%s>, relay=local, delay=%.2f, status=%s (%s)",
-                 entry.queue_id, recipient, delay, status, detail)
+        log.info("%s: to=<%s>, relay=%s, delay=%.2f, status=%s (%s)",
+                 entry.queue_id, recipient, self.relay, delay, status, detail)
 
     def close(self) -> None:
         self.sink.close()

@@ -57,19 +57,28 @@ def format_copy(envelope: Envelope, content: Iterable[bytes], *, queue_id: str,
     sender = envelope.mail_from
     # A quoted local-part may hold spaces, which would split the From_ line.
     from_line = f"From {sender.replace(' ', '_') or 'MAILER-DAEMON'} {asctime(received_at)}\n"
+    trace = f"Return-Path: <{sender}>\n" + received_header(
+        envelope, queue_id=queue_id, recipient=recipient, received_at=received_at,
+        hostname=hostname)
+    yield (from_line + trace).encode("utf-8")
+    yield from mboxrd_body(without_state_headers(content))
+    yield b"\n"
+
+
+def received_header(envelope: Envelope, *, queue_id: str, recipient: str | None,
+                    received_at: float, hostname: str) -> str:
+    """Our Received: field (SPEC §5), with LF line ends: client IP, HELO, protocol,
+    queue ID, recipient (no "for" clause when None), date. The mbox copy and the
+    LMTP copy carry the same one."""
     client = envelope.client_address
     literal = f"IPv6:{client}" if ":" in client else client
     # As Postfix: the TLS comment (RFC 3848) between "from" and "by".
     using = f"\t(using {envelope.tls})\n" if envelope.tls else ""
-    trace = (
-        f"Return-Path: <{sender}>\n"
-        f"Received: from {envelope.helo or 'unknown'} (unknown [{literal}])\n{using}"
-        f"\tby {hostname} (ccsmtp) with {envelope.protocol} id {queue_id}\n"
-        f"\tfor <{recipient}>; {rfc2822_date(received_at)}\n"
-    )
-    yield (from_line + trace).encode("utf-8")
-    yield from mboxrd_body(without_state_headers(content))
-    yield b"\n"
+    by = f"\tby {hostname} (ccsmtp) with {envelope.protocol} id {queue_id}"
+    # RFC 5322 §3.6.7: the tokens, then "; date-time".
+    tail = f"\n\tfor <{recipient}>; " if recipient is not None else ";\n\t"
+    return (f"Received: from {envelope.helo or 'unknown'} (unknown [{literal}])\n{using}"
+            f"{by}{tail}{rfc2822_date(received_at)}\n")
 
 
 # SPEC §6: fields in which mail readers and stores keep their own state (mutt and

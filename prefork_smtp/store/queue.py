@@ -156,6 +156,11 @@ class QueueIds:
 # --- records ----------------------------------------------------------------------
 
 def encode_payload(message: QueuedMessage) -> bytes:
+    return payload_head(message, len(message.content)) + message.content
+
+
+def payload_head(message: QueuedMessage, content_len: int) -> bytes:
+    """A record payload up to its content (which is content_len octets long)."""
     env = message.envelope
     envelope_json = json.dumps({
         "id": message.queue_id,
@@ -170,8 +175,7 @@ def encode_payload(message: QueuedMessage) -> bytes:
         "external": message.external,
         "size": message.size,
     }, ensure_ascii=True).encode()
-    return b"%d %d\n%s%s" % (len(envelope_json), len(message.content), envelope_json,
-                             message.content)
+    return b"%d %d\n%s" % (len(envelope_json), content_len, envelope_json)
 
 
 def decode_payload(payload: bytes | memoryview, lsn: int = 0,
@@ -603,10 +607,12 @@ class Log:
         return self._get(_CUR_BASE) if self._get(_CUR_ID) else 0
 
     def read(self, segment: Segment, start: int, limit: int | None = None,
-             max_bytes: int = 8 << 20) -> tuple[list[tuple[int, bool, memoryview]], int, bool]:
+             max_bytes: int = 8 << 20,
+             max_records: int = 0) -> tuple[list[tuple[int, bool, memoryview]], int, bool]:
         """Records of SEGMENT from LSN start, up to the synced point (or limit):
         ([(lsn, cancelled, payload)], next lsn, at the end of the segment's records).
-        At least one record if one is there, whatever its size."""
+        At least one record if one is there, whatever its size; at most max_records
+        (0: no limit)."""
         upto = min(self.synced if limit is None else limit, segment.limit)
         if start >= upto:
             return [], start, self._complete(segment)
@@ -634,13 +640,15 @@ class Log:
             out.append((lsn, state == "cancelled", buf[pos + RECORD.size:pos + RECORD.size + length]))
             pos += RECORD.size + length
             lsn += RECORD.size + length
+            if len(out) == max_records:
+                break
         return out, lsn, lsn >= segment.limit
 
     def _complete(self, segment: Segment) -> bool:
         return self.synced >= segment.limit
 
     def read_record(self, segment: Segment, lsn: int) -> QueuedMessage:
-        records, _, _ = self.read(segment, lsn, segment.limit, max_bytes=64 << 10)
+        records, _, _ = self.read(segment, lsn, segment.limit, max_bytes=64 << 10, max_records=1)
         if not records or records[0][0] != lsn:
             raise ValueError(f"no record at {lsn}")
         return decode_payload(records[0][2], lsn)

@@ -1,10 +1,13 @@
 """Where delivery hands queued copies: the destination side of the delivery process.
 
 Owns: the Sink interface -- deliver(mailbox, copies) gives one Outcome per copy:
-delivered, deferred (reason, retry after) or failed (reason) -- and its first
-implementation, MboxSink: all copies for one mailbox in one locked mboxrd append
-(mbox.py), recovery of appends cut short by a crash, and finding copies a crashed
-predecessor had already appended. An LMTP sink (SPEC §11) plugs in beside it.
+delivered, deferred (reason, retry after; for the whole destination when it cannot
+be reached) or failed (reason) -- and its first implementation, MboxSink: all copies
+for one mailbox in one locked mboxrd append (mbox.py), recovery of appends cut short
+by a crash, and finding copies a crashed predecessor had already appended. A sink
+that hands over a message rather than a mailbox's copies (LMTP: one transaction with
+every recipient, lmtp_sink.py) also has deliver_message(copies), which delivery then
+uses instead.
 Must not: touch the queue; delivery decides what leaves it and when.
 
 A sink whose deliveries are durable when deliver() returns (LMTP: the server said
@@ -19,7 +22,7 @@ import dataclasses
 import errno
 import itertools
 import logging
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from ..config import Config
 from ..layout import DELIVERY_JOURNAL, state_path
@@ -42,8 +45,9 @@ class Copy:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Outcome:
     kind: str                      # DELIVERED, DEFERRED or FAILED
-    reason: str = ""
+    reason: str = ""               # why (deferred, failed), or the server's reply
     retry_after_s: float = 0.0
+    destination: bool = False      # deferred: the destination itself is unreachable
 
 
 DELIVERED, DEFERRED, FAILED = "delivered", "deferred", "failed"
@@ -58,8 +62,20 @@ def failed(reason: str) -> Outcome:
     return Outcome(FAILED, reason)
 
 
+class Abandoned(Exception):
+    """Raised by a progress callback to make a sink stop waiting on its destination
+    (a fast stop, or a graceful stop's time is up). The copies it had in hand get
+    no outcome and stay queued."""
+
+
+def unreachable(reason: str, retry_after_s: float) -> Outcome:
+    """Deferred, and so is everything else for this destination until retry_after_s."""
+    return Outcome(DEFERRED, reason, retry_after_s, destination=True)
+
+
 class Sink(Protocol):
     durable_on_delivery: bool
+    relay: str                     # for the log: "local", "lmtp:HOST:PORT"
 
     def recover(self) -> None:
         """At start, before anything is delivered: repair what a crash left."""
@@ -79,6 +95,7 @@ class MboxSink:
     """Appends to SPOOL/MAILBOX (mboxrd, mutt's and Dovecot's locks); not fsync'ed."""
 
     durable_on_delivery = False
+    relay = "local"
 
     def __init__(self, config: Config):
         self.config = config
@@ -126,8 +143,12 @@ class MboxSink:
         self.journal.close()
 
 
-def sink_for(config: Config) -> Sink:
-    """The sink the configuration names (SPEC §11: "mbox", or "lmtp:..." once it exists)."""
+def sink_for(config: Config, progress: Callable[[], None] | None = None) -> Sink:
+    """The sink the configuration names (SPEC §11: "mbox" or "lmtp:..."). progress is
+    called at least once a second while a sink waits on a server (the heartbeat)."""
+    if config.delivery.kind == "lmtp":
+        from .lmtp_sink import LMTPSink   # here: lmtp_sink imports this module
+        return LMTPSink(config, progress)
     if config.delivery.kind != "mbox":
         raise NotImplementedError(f"delivery kind {config.delivery.kind!r}")
     return MboxSink(config)

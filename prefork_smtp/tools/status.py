@@ -26,6 +26,13 @@ JSON (--json): a list of rows, one per process, the master of each instance firs
     sessions, messages                       (children: open sessions, messages so far)
     sessions_by_service                      (children: {"smtp": n, "pop3": n, "imap": n})
     error                                    (master row only: its scoreboard could not be read)
+    queue                                    (master row only, when delivery has said:
+        {"messages", "copies", "oldest_age_s", "failed", "destination", "unreachable_s",
+         "as_of_s"}: queued messages and copies as the delivery process last saw them
+        (it rewrites SPOOL/.ccsmtp/delivery.state at most once a second, when they
+        change), the age of the oldest, copies in failed/, and for how long the
+        destination has been unreachable (null: it is not); nothing is read from
+        the queue itself, so this stays cheap however long the queue)
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import psutil
 from ..config import SERVICE_FAMILIES, implicit_tls
 from ..layout import DEFAULT_SPOOL, SCOREBOARD, state_path
 from ..process.scoreboard import Scoreboard, SlotInfo
+from ..store import delivery_state, failed
 
 PROG = "ccsmtp-status"
 CPU_SAMPLE_S = 0.2
@@ -165,8 +173,39 @@ def read_instance(instance: Instance) -> None:
         _add_row(instance, instance.master_pid, "master", None)
         if instance.error:
             instance.rows[0]["error"] = instance.error
+        elif (summary := queue_summary(instance.spool)) is not None:
+            instance.rows[0]["queue"] = summary
     for info in sorted(slots, key=lambda s: (s.kind, s.worker_id, s.pid)):
         _add_row(instance, info.pid, info.role, info)
+
+
+def queue_summary(spool: str) -> dict[str, Any] | None:
+    """The queue as delivery last described it (delivery_state.py), or None."""
+    try:
+        state = delivery_state.read(spool)
+        failed_copies = failed.count(spool)
+    except OSError:
+        return None
+    if state is None:
+        return None
+    now = time.time()
+    oldest, down = state.get("oldest"), state.get("unreachable")
+    return {"messages": state.get("messages", 0), "copies": state.get("copies", 0),
+            "oldest_age_s": round(max(0.0, now - oldest), 1) if oldest else None,
+            "failed": failed_copies, "destination": state.get("destination"),
+            "unreachable_s": round(max(0.0, now - down["since"]), 1) if down else None,
+            "as_of_s": round(max(0.0, now - state.get("updated", now)), 1)}
+
+
+def format_queue(summary: dict[str, Any]) -> str:
+    text = f"queue: {summary['messages']} message(s), {summary['copies']} cop" + \
+        ("y" if summary["copies"] == 1 else "ies")
+    if summary["oldest_age_s"] is not None:
+        text += f", oldest {_duration(summary['oldest_age_s'])}"
+    text += f"; {summary['failed']} failed"
+    if summary["unreachable_s"] is not None:
+        text += f"; {summary['destination']} unreachable for {_duration(summary['unreachable_s'])}"
+    return text + " (ccsmtp-queue lists them)"
 
 
 def _belongs(pid: int, master_pid: int | None) -> bool:
@@ -249,6 +288,8 @@ def format_table(instance: Instance) -> str:
                      f"{r.get('messages', ''):>9} {_duration(r.get('uptime_s', 0)):>9}")
     if instance.error:
         lines.append(f"  {instance.error}")
+    if instance.rows and "queue" in instance.rows[0]:
+        lines.append(format_queue(instance.rows[0]["queue"]))
     return "\n".join(lines)
 
 
