@@ -19,17 +19,22 @@ REFRESH_TREE_S = 0.5    # how often the sampler looks for new processes
 
 
 class ProcessTree:
-    """A server's processes: ROOT and everything below it."""
+    """A server's processes: ROOT and everything below it (several roots: several
+    instances taken as one server)."""
 
-    def __init__(self, root_pid: int):
+    def __init__(self, root_pid: int, *more_roots: int):
         self.root_pid = root_pid
+        self.roots = (root_pid,) + more_roots
 
     def pids(self) -> list[int]:
-        try:
-            root = psutil.Process(self.root_pid)
-            return [root.pid] + [p.pid for p in root.children(recursive=True)]
-        except psutil.Error:
-            return []
+        pids = []
+        for pid in self.roots:
+            try:
+                root = psutil.Process(pid)
+                pids += [root.pid] + [p.pid for p in root.children(recursive=True)]
+            except psutil.Error:
+                continue
+        return pids
 
     def cpu_s(self) -> float:
         """User+system CPU of every live process plus what their reaped children used.

@@ -10,6 +10,7 @@ one table (and, with --json-out, every raw run).
     python3 bench/run.py --quick        # seconds: a smoke run
     python3 bench/run.py                # the full run (about 12 minutes on 2 cores)
     python3 bench/run.py --disks fast,2,8   # and A, B, E again with 2 ms and 8 ms flushes
+    python3 bench/run.py --scenarios TP     # TLS (issue 8) and PROXY (issue 11) only
 
 Every server's fsync-family calls go through bench/slowsync.c (LD_PRELOAD), a model
 of a device whose cache flush takes F ms (see slowdisk.py); F is 0 on the fast disk.
@@ -41,7 +42,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import MboxCounter, ProcessTree, PssSampler, message_ids  # noqa: E402
-from servers import DOMAIN, REPO, TARGETS, BenchError, Target  # noqa: E402
+import servers  # noqa: E402
+from servers import (DOMAIN, REPO, TARGETS, BenchError, Ccsmtp, Frontend, HAProxy,  # noqa: E402
+                     Route, Target, make_tls_files)
 import slowdisk  # noqa: E402
 
 SEND = [sys.executable, str(REPO / "bin" / "ccsmtp-send")]
@@ -50,6 +53,7 @@ SMTP_SOURCE_HEADERS = 130      # what smtp-source adds to its -l payload, roughl
 DELIVERY_TIMEOUT_S = 60.0
 IDLE_PER_SOURCE = 20000
 MB = 1e6
+CLIENT_CPUS: str | None = None   # --pin: the load client's CPU (taskset -c), the servers the rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,8 @@ class Scenario:
     hold_s: float = 0.0          # D: how long the idle connections stay after the probes
     fresh: bool = False          # restart every server first (memory is measured)
     spread: int = 1              # ccsmtp-send runs: mailboxes the messages rotate over
+    servers: str = "main"        # "main": the --targets; "tls": those of them that speak
+                                 # TLS; "proxy": the PROXY scenario's routes
 
 
 # Mailboxes a ccsmtp-send run spreads its messages over in A, B, C: an MX serves
@@ -78,6 +84,16 @@ SPREAD = 20
 SOURCE_ROUNDS = 2
 # What runs on a slow disk (issue 12): the scenarios whose numbers the flush decides.
 SLOW_DISK_SCENARIOS = "ABE"
+# The TLS scenario's clients: ccsmtp-send in plain text (the same load without TLS, in
+# the same round: what TLS costs is the difference), with STARTTLS, with implicit TLS.
+TLS_CLIENTS = ("ccsmtp-send", "ccsmtp-send/starttls", "ccsmtp-send/smtps")
+# The PROXY scenario's routes (issue 11), each to ccsmtp instances of -w 1:
+PROXY_ROUTES = (
+    "direct-1",        # straight to one instance (no proxy_from)
+    "haproxy-1",       # through HAProxy, no PROXY header, to that same instance
+    "haproxy-pp2-1",   # through HAProxy with send-proxy-v2, to one instance (proxy_from)
+    "haproxy-pp2-2",   # the same, round robin over two instances (own spools and ports)
+)
 
 
 def disk_ms(disk: str) -> float:
@@ -99,6 +115,12 @@ def scenarios(quick: bool, idle: int | None = None) -> list[Scenario]:
                  spread=SPREAD),
         Scenario("E", "light load: one session at a time",
                  ("ccsmtp-send",), 20 if q else 200, 1),
+        Scenario("T", "1 KB, new TLS connection per message (STARTTLS, smtps; and plain), "
+                 "20 sessions", TLS_CLIENTS, 100 if q else 3000, 20, spread=SPREAD,
+                 servers="tls"),
+        Scenario("P", "A through HAProxy (send-proxy-v2) to ccsmtp -w 1, one and two "
+                 "instances, beside direct", ("ccsmtp-send",), 200 if q else 5000, 20,
+                 spread=SPREAD, servers="proxy"),
         Scenario("F", f"one {5 if q else 50} MiB message", ("ccsmtp-send",), 1, 1,
                  size=(5 if q else 50) * 2**20, timeout_s=300, every_round=False, fresh=True),
         # (quick: no restart before D, to save seconds; its memory figure is then rough)
@@ -136,6 +158,9 @@ class Run:
     tree_pss_before: int = 0
     tree_pss_peak: int = 0
     idle_held: int | None = None
+    tls: dict | None = None      # ccsmtp-send's TLS report: handshakes, resumed, versions
+    proxy_cpu_s: float | None = None   # HAProxy's CPU during the run (PROXY routes)
+    client_cpu_s: float = 0.0    # the load client's own CPU (reaped children of the bench)
     errors: dict = dataclasses.field(default_factory=dict)
     problems: list = dataclasses.field(default_factory=list)
 
@@ -164,6 +189,20 @@ class Run:
     @property
     def flushes_per_msg(self) -> float | None:
         return self.flushes / self.accepted if self.accepted and self.flushes else None
+
+    @property
+    def resumed_fraction(self) -> float | None:
+        return self.tls["resumed_fraction"] if self.tls and self.tls["handshakes"] else None
+
+    @property
+    def client_ms_per_msg(self) -> float | None:
+        return self.client_cpu_s * 1000 / self.accepted if self.accepted and self.client_cpu_s else None
+
+    @property
+    def proxy_ms_per_msg(self) -> float | None:
+        if self.proxy_cpu_s is None or not self.accepted:
+            return None
+        return self.proxy_cpu_s * 1000 / self.accepted
 
 
 def log(text: str) -> None:
@@ -210,16 +249,33 @@ def _established(pid: int) -> int:
         return 0
 
 
-def client_command(s: Scenario, client: str, target: Target, rcpts: list[str]) -> list[str]:
+def tls_mode(client: str) -> str:
+    """"starttls", "smtps" or "" (plain) for a client name such as ccsmtp-send/starttls."""
+    return client.partition("/")[2]
+
+
+def client_tag(client: str) -> str:
+    """What a mailbox name says of the client: send, source, send-starttls, send-smtps."""
+    return client.split("-", 1)[-1].replace("/", "-")
+
+
+def client_command(s: Scenario, client: str, target: Target, rcpts: list[str],
+                   ca_file: str | None = None) -> list[str]:
     if client == "smtp-source":
         (rcpt,) = rcpts
         return ["smtp-source", "-s", str(s.concurrency), "-m", str(s.count),
                 "-l", str(max(0, s.size - SMTP_SOURCE_HEADERS)), "-f", SENDER, "-t", rcpt,
                 "-M", "bench.test", target.server]
-    cmd = SEND + ["--server", target.server, "--from", SENDER, "--helo", "bench.test",
+    mode = tls_mode(client)
+    cmd = SEND + ["--server", target.address(mode), "--from", SENDER, "--helo", "bench.test",
                   "--count", str(s.count), "--concurrency", str(s.concurrency),
                   "--size", str(s.size), "--per-connection", str(s.per_connection),
                   "--timeout", str(s.timeout_s), "--json", "--rotate"]
+    if mode:
+        # The certificate is checked against the run's test CA (as an MX's client that
+        # verifies would); each sender resumes its previous connection's TLS session.
+        cmd += ["--starttls" if mode == "starttls" else "--tls"]
+        cmd += ["--cafile", ca_file] if ca_file else ["--insecure"]
     for rcpt in rcpts:
         cmd += ["--to", rcpt]
     if s.idle:
@@ -227,10 +283,14 @@ def client_command(s: Scenario, client: str, target: Target, rcpts: list[str]) -
     return cmd
 
 
-def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[str]) -> None:
-    cmd = client_command(s, client, target, rcpts)
+def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[str],
+               ca_file: str | None = None) -> None:
+    cmd = client_command(s, client, target, rcpts, ca_file)
+    if CLIENT_CPUS:
+        cmd = ["taskset", "-c", CLIENT_CPUS] + cmd
     holders, held_by_holders = start_holders(s, target) if s.idle else ([], 0)
     started = time.monotonic()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                               timeout=max(600, s.count))
@@ -239,6 +299,8 @@ def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[s
             holder.kill()
             holder.wait()
     run.wall_s = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run.client_cpu_s = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     run.requested = s.count
     if client == "smtp-source":
         run.client_elapsed_s = run.wall_s
@@ -261,6 +323,7 @@ def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[s
     run.session_ms = result["session_ms"]
     run.greeting_ms = result["greeting_ms"]
     run.errors = result["errors"]
+    run.tls = result.get("tls")
     if result["idle"]:
         run.idle_held = result["idle"]["held"] + held_by_holders
         if result["idle"]["errors"]:
@@ -272,7 +335,7 @@ def run_client(run: Run, s: Scenario, client: str, target: Target, rcpts: list[s
 def wait_delivered(run: Run, target: Target, started: float) -> None:
     if not target.stores or run.accepted == 0:
         return
-    counters = [MboxCounter(str(target.mailbox(m))) for m in run.mailboxes]
+    counters = [MboxCounter(str(path)) for m in run.mailboxes for path in target.mailbox_paths(m)]
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S + run.accepted / 100
     while (count := sum(c.poll() for c in counters)) < run.accepted \
             and time.monotonic() < deadline:
@@ -289,7 +352,7 @@ def verify(run: Run, target: Target) -> None:
     """Every accepted message is in the mbox, once; then the mbox goes (disk space)."""
     if not target.stores:
         return
-    paths = [target.mailbox(m) for m in run.mailboxes]
+    paths = [path for m in run.mailboxes for path in target.mailbox_paths(m)]
     if run.accepted and run.delivered != run.accepted:
         run.problems.append(f"{run.delivered} of {run.accepted} accepted messages in the mboxes")
     run_id = getattr(run, "run_id", None)
@@ -303,21 +366,26 @@ def verify(run: Run, target: Target) -> None:
         path.unlink(missing_ok=True)
 
 
-def run_one(s: Scenario, client: str, target: Target, rnd: int,
-            mailboxes: tuple[str, ...], disk: str = "fast") -> Run:
+def run_one(s: Scenario, client: str, target: Target | Route, rnd: int,
+            mailboxes: tuple[str, ...], disk: str = "fast", ca_file: str | None = None) -> Run:
     run = Run(s.key, client, target.name, rnd, mailboxes, disk, target.workers)
     calls_before, flushes_before = target.device.counters()
-    tree = ProcessTree(target.root_pid())
+    tree = ProcessTree(*target.process_roots())
+    proxy_pid = getattr(target, "proxy_root_pid", lambda: None)()
+    proxy = ProcessTree(proxy_pid) if proxy_pid else None
     run.tree_pss_before = tree.pss() if s.idle else 0
     tree.reset_peaks()
     cpu_before = tree.cpu_s()
+    proxy_before = proxy.cpu_s() if proxy else 0.0
     started = time.monotonic()
     # Only D needs the tree's memory over time; reading smaps of 100 Postfix
     # processes ten times a second would cost the other scenarios CPU.
     with PssSampler(tree, enabled=bool(s.idle)) as sampler:
-        run_client(run, s, client, target, [f"{m}@{DOMAIN}" for m in mailboxes])
+        run_client(run, s, client, target, [f"{m}@{DOMAIN}" for m in mailboxes], ca_file)
         wait_delivered(run, target, started)
     run.cpu_s = tree.cpu_s() - cpu_before
+    if proxy:
+        run.proxy_cpu_s = proxy.cpu_s() - proxy_before
     calls_after, flushes_after = target.device.counters()
     run.sync_calls, run.flushes = calls_after - calls_before, flushes_after - flushes_before
     run.peak_rss_max, run.peak_rss_sum = tree.peak_rss()
@@ -333,6 +401,12 @@ def summary(run: Run) -> str:
         parts.append(f"dlv {run.delivered_per_s:8.1f}/s")
     if run.latency_ms:
         parts.append(f"p50 {run.latency_ms['p50']:.1f} ms")
+    if run.cpu_ms_per_msg is not None:
+        parts.append(f"cpu {run.cpu_ms_per_msg:.2f} ms/msg")
+    if run.resumed_fraction is not None:
+        parts.append(f"resumed {run.resumed_fraction:.1%}")
+    if run.proxy_ms_per_msg is not None:
+        parts.append(f"haproxy {run.proxy_ms_per_msg:.2f} ms/msg")
     if run.idle_held is not None:
         parts.append(f"held {run.idle_held}")
     if run.errors:
@@ -344,8 +418,18 @@ def summary(run: Run) -> str:
 
 # --- the plan ----------------------------------------------------------------------------
 
+def servers_of(s: Scenario, targets: list[str], routes: list[str] = ()) -> list[str]:
+    """The servers scenario S runs against: the --targets, those of them that speak TLS,
+    or the PROXY routes."""
+    if s.servers == "proxy":
+        return list(routes)
+    if s.servers == "tls":
+        return [t for t in targets if TARGETS[t].speaks_tls]
+    return list(targets)
+
+
 def plan(selected: list[Scenario], targets: list[str], rounds: int,
-         disks: tuple[str, ...] = ("fast",)) -> list[tuple]:
+         disks: tuple[str, ...] = ("fast",), routes: list[str] = ()) -> list[tuple]:
     """(disk, scenario, client, target, round, mailboxes) in the order they run.
 
     Each round rotates the order of the servers so that none is always first (when
@@ -363,14 +447,17 @@ def plan(selected: list[Scenario], targets: list[str], rounds: int,
             for s in chosen:
                 if not s.every_round and rnd != rounds:
                     continue
+                names = servers_of(s, targets, routes)
+                if not names:
+                    continue
                 for client in s.clients:
                     if client == "smtp-source" and rnd > SOURCE_ROUNDS:
                         continue
-                    order = targets[shift % len(targets):] + targets[:shift % len(targets)]
+                    order = names[shift % len(names):] + names[:shift % len(names)]
                     shift += 1
                     for name in order:
-                        box = f"{tag}{s.key}{rnd}-{client.split('-')[-1]}-{name}".lower()
-                        spread = s.spread if client == "ccsmtp-send" else 1
+                        box = f"{tag}{s.key}{rnd}-{client_tag(client)}-{name}".lower()
+                        spread = s.spread if client.startswith("ccsmtp-send") else 1
                         boxes = tuple(f"{box}-{i}" for i in range(spread)) if spread > 1 else (box,)
                         steps.append((disk, s, client, name, rnd, boxes))
     return steps
@@ -426,12 +513,13 @@ HEADER = ["scen", "client", "server", "acc msg/s", "dlv msg/s", "MB/s", "p50 ms"
           "x aio acc", "notes"]
 
 
-def table(runs: list[Run], selected: list[Scenario], targets: list[str], disk: str = "fast") -> str:
+def table(runs: list[Run], selected: list[Scenario], targets: list[str], disk: str = "fast",
+          routes: list[str] = ()) -> str:
     runs = [r for r in runs if r.disk == disk]
     rows = [HEADER]
     for s in selected:
         for client in s.clients:
-            for name in targets:
+            for name in servers_of(s, targets, routes):
                 mine = [r for r in runs if (r.scenario, r.client, r.target) == (s.key, client, name)]
                 if mine:
                     rows.append(row(s, client, name, mine, runs))
@@ -468,7 +556,7 @@ def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -
     p99 = median([d.get("p99") for d in lat])
     notes = []
     x_acc = x_dlv = x_aio = None
-    if s.key in "ABC":
+    if s.key in "ABCT":
         x_acc = ratio(runs, s.key, client, name, lambda r: r.accepted_per_s)
         x_dlv = ratio(runs, s.key, client, name, lambda r: r.delivered_per_s)
         x_aio = ratio(runs, s.key, client, name, lambda r: r.accepted_per_s, base="aiosmtpd")
@@ -490,6 +578,12 @@ def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -
                      f"{r.accepted}/{r.requested} fresh msgs ok")
         x_acc = ratio(runs, s.key, client, name, lambda r: r.idle_held)
         acc = dlv = mbs = cpu = syncs = flushes = None
+    resumed = median([r.resumed_fraction for r in mine])
+    if resumed is not None:
+        notes.append(f"{resumed:.1%} of handshakes resumed")
+    proxy_ms = median([r.proxy_ms_per_msg for r in mine])
+    if proxy_ms is not None:
+        notes.append(f"HAProxy {proxy_ms:.2f} ms CPU/msg")
     problems = sorted({p for r in mine for p in r.problems})
     errors: dict[str, int] = {}
     for r in mine:
@@ -502,6 +596,104 @@ def row(s: Scenario, client: str, name: str, mine: list[Run], runs: list[Run]) -
             fmt(p99, ".1f"), fmt(cpu, ".2f"), fmt(rss, ".1f"), fmt(syncs, ".2f"),
             fmt(flushes, ".2f"), fmt(x_acc, ".2f"), fmt(x_dlv, ".2f"), fmt(x_aio, ".2f"),
             "; ".join(notes)]
+
+
+def per_round(runs: list[Run], a: tuple[str, str, str], b: tuple[str, str, str],
+              metric) -> float | None:
+    """Median over rounds of METRIC(run A) / METRIC(run B), A and B (scenario, client,
+    server) from the same round (and disk)."""
+    pairs: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r.scenario, r.client, r.target)
+        if key in (a, b):
+            pairs.setdefault((r.disk, r.round), {})[key] = r
+    values = []
+    for pair in pairs.values():
+        if a in pair and b in pair:
+            x, y = metric(pair[a]), metric(pair[b])
+            if x is not None and y:
+                values.append(x / y)
+    return median(values)
+
+
+def tls_table(runs: list[Run], targets: list[str]) -> str:
+    """Issue 8: what TLS costs each server, and ccsmtp against Postfix."""
+    rows = [["server", "plain msg/s", "STARTTLS msg/s", "smtps msg/s", "resumed STARTTLS / smtps",
+             "CPU ms/msg plain / STARTTLS / smtps", "TLS share of CPU STARTTLS / smtps",
+             "client CPU ms/msg plain / STARTTLS / smtps", "x PF STARTTLS / smtps",
+             "x PF CPU/msg STARTTLS / smtps"]]
+    T = [r for r in runs if r.scenario == "T"]
+    for name in [t for t in targets if TARGETS[t].speaks_tls]:
+        mine = {c: [r for r in T if (r.client, r.target) == (c, name)] for c in TLS_CLIENTS}
+        if not any(mine.values()):
+            continue
+        plain, starttls, smtps = TLS_CLIENTS
+
+        def med(client, metric, spec):
+            return fmt(median([metric(r) for r in mine[client]]), spec)
+
+        def share(client):
+            # 1 - plain/TLS CPU per message, same server and round: TLS's part of it.
+            value = per_round(T, ("T", plain, name), ("T", client, name), lambda r: r.cpu_ms_per_msg)
+            return fmt(None if value is None else 1 - value, ".0%")
+
+        def x_pf(client):
+            return fmt(ratio(T, "T", client, name, lambda r: r.accepted_per_s), ".2f")
+
+        def x_cpu(client):
+            # Postfix's CPU per message / this server's, same round: above 1 = less CPU.
+            return fmt(ratio(T, "T", client, name, lambda r: r.cpu_ms_per_msg, invert=True), ".2f")
+
+        rows.append([name, med(plain, lambda r: r.accepted_per_s, ".0f"),
+                     med(starttls, lambda r: r.accepted_per_s, ".0f"),
+                     med(smtps, lambda r: r.accepted_per_s, ".0f"),
+                     f"{med(starttls, lambda r: r.resumed_fraction, '.1%')} / "
+                     f"{med(smtps, lambda r: r.resumed_fraction, '.1%')}",
+                     " / ".join(med(c, lambda r: r.cpu_ms_per_msg, ".2f") for c in TLS_CLIENTS),
+                     f"{share(starttls)} / {share(smtps)}",
+                     " / ".join(med(c, lambda r: r.client_ms_per_msg, ".2f") for c in TLS_CLIENTS),
+                     f"{x_pf(starttls)} / {x_pf(smtps)}",
+                     f"{x_cpu(starttls)} / {x_cpu(smtps)}"])
+    return markdown(rows) if len(rows) > 1 else ""
+
+
+def proxy_table(runs: list[Run]) -> str:
+    """Issue 11: each route's rate and CPU, and the ratios that answer its questions."""
+    P = [r for r in runs if r.scenario == "P"]
+    if not P:
+        return ""
+    rows = [["route", "acc msg/s", "ccsmtp CPU ms/msg", "HAProxy CPU ms/msg", "x direct-1",
+             "x haproxy-1"]]
+    for name in PROXY_ROUTES:
+        mine = [r for r in P if r.target == name]
+        if not mine:
+            continue
+        key = ("P", "ccsmtp-send", name)
+        rows.append([name, fmt(median([r.accepted_per_s for r in mine])),
+                     fmt(median([r.cpu_ms_per_msg for r in mine]), ".3f"),
+                     fmt(median([r.proxy_ms_per_msg for r in mine]), ".3f"),
+                     fmt(per_round(P, key, ("P", "ccsmtp-send", "direct-1"),
+                                   lambda r: r.accepted_per_s), ".3f"),
+                     fmt(per_round(P, key, ("P", "ccsmtp-send", "haproxy-1"),
+                                   lambda r: r.accepted_per_s), ".3f")])
+    lines = [markdown(rows), ""]
+    base, pp2, two = (("P", "ccsmtp-send", n) for n in ("haproxy-1", "haproxy-pp2-1", "haproxy-pp2-2"))
+    acc = per_round(P, pp2, base, lambda r: r.accepted_per_s)
+    cpu = per_round(P, pp2, base, lambda r: r.cpu_ms_per_msg)
+    hap = per_round(P, pp2, base, lambda r: r.proxy_ms_per_msg)
+    if acc is not None:
+        lines.append(f"PROXY v2 header (haproxy-pp2-1 / haproxy-1, same round, both through "
+                     f"HAProxy): throughput x{acc:.3f} ({(acc - 1):+.1%}), ccsmtp CPU per "
+                     f"message x{fmt(cpu, '.3f')}, HAProxy CPU per message x{fmt(hap, '.3f')}")
+    hop = per_round(P, base, ("P", "ccsmtp-send", "direct-1"), lambda r: r.accepted_per_s)
+    if hop is not None:
+        lines.append(f"HAProxy's own cost (haproxy-1 / direct-1, no header): throughput "
+                     f"x{hop:.3f} ({(hop - 1):+.1%})")
+    second = per_round(P, two, pp2, lambda r: r.accepted_per_s)
+    if second is not None:
+        lines.append(f"A second instance (haproxy-pp2-2 / haproxy-pp2-1): throughput "
+                     f"x{second:.3f}")
+    return "\n".join(lines)
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -536,6 +728,42 @@ def raise_fd_limit(needed: int = 0) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def start_proxy_routes(base: Path, shim: Path | None, say) -> tuple[dict[str, Route], list]:
+    """The PROXY scenario's instances (-w 1 each: `proxy_from = ["127.0.0.1/32"]` on the two
+    behind send-proxy-v2), HAProxy with a frontend per route, and the routes. Returns
+    (routes by name, everything started: the caller stops it)."""
+    started: list = []
+    plain = Ccsmtp(base, shim, 1, name="ccsmtp-w1")
+    first = Ccsmtp(base, shim, 1, name="ccsmtp-w1-pp2a", proxy_from="127.0.0.1/32")
+    second = Ccsmtp(base, shim, 1, name="ccsmtp-w1-pp2b", proxy_from="127.0.0.1/32")
+    for instance in (plain, first, second):
+        started.append(instance)
+        try:
+            instance.start([])
+        except BenchError:
+            for done in started:
+                done.stop()
+            raise
+        say(f"bench: {instance.name} on {instance.server} (pid {instance.root_pid()})")
+    frontends = {"haproxy-1": Frontend("plain", [plain], send_proxy=False),
+                 "haproxy-pp2-1": Frontend("pp2_one", [first], send_proxy=True),
+                 "haproxy-pp2-2": Frontend("pp2_two", [first, second], send_proxy=True)}
+    haproxy = HAProxy(base, list(frontends.values()))
+    started.append(haproxy)
+    try:
+        haproxy.start()
+    except BenchError:
+        for done in started:
+            done.stop()
+        raise
+    say(f"bench: haproxy (pid {haproxy.root_pid()}): " + ", ".join(
+        f"{name} on 127.0.0.1:{fe.port}" for name, fe in frontends.items()))
+    routes = {"direct-1": Route("direct-1", [plain])}
+    for name, fe in frontends.items():
+        routes[name] = Route(name, fe.backends, haproxy, fe)
+    return routes, started
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -544,7 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small counts, one round (a smoke run)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of A, B, C, E (default 3; quick 1)")
-    p.add_argument("--scenarios", default="ABCDEF", help="which scenarios (default: ABCDEF)")
+    p.add_argument("--scenarios", default="ABCDEFTP",
+                   help="which scenarios (default: ABCDEFTP; T: TLS, P: PROXY)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"servers to run (default: {','.join(TARGETS)})")
     p.add_argument("--disks", default="fast",
@@ -552,6 +781,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"fast); slow disks run {', '.join(SLOW_DISK_SCENARIOS)} only")
     p.add_argument("--workers", type=int, default=2, help="ccsmtp's -w (default 2)")
     p.add_argument("--idle", type=int, default=None, help="D: idle connections (default 10000)")
+    p.add_argument("--pin", action="store_true",
+                   help="run the load client on the last CPU and every server on the others "
+                        "(taskset), so that the client's CPU does not come out of the servers'")
     p.add_argument("--json-out", metavar="FILE", help="write every run as JSON to FILE")
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
     args = p.parse_args(argv)
@@ -573,16 +805,31 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench: {tool} not found (Debian package postfix): its runs are skipped")
             selected = [dataclasses.replace(s, clients=tuple(c for c in s.clients if c != tool))
                         for s in selected]
+    if any(s.servers == "proxy" for s in selected) and \
+            shutil.which("haproxy") is None and not os.path.exists("/usr/sbin/haproxy"):
+        log("bench: haproxy not found (apt-get install haproxy): P is skipped")
+        selected = [s for s in selected if s.servers != "proxy"]
 
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2 or shutil.which("taskset") is None:
+            p.error("--pin needs two CPUs and taskset (util-linux)")
+        global CLIENT_CPUS
+        CLIENT_CPUS = str(cpus[-1])
+        servers.SERVER_CPUS = ",".join(map(str, cpus[:-1]))
     raise_fd_limit(2 * max(s.idle for s in selected) + 4096)
     signal.signal(signal.SIGTERM, _interrupt)
     base = Path(tempfile.mkdtemp(prefix="ccsmtp-bench-"))
     os.chmod(base, 0o755)       # the servers' unprivileged users must reach their dirs
     began = time.monotonic()
     started: dict[str, Target] = {}
+    routes: dict[str, Route] = {}
+    extras: list = []           # the PROXY scenario's instances and HAProxy
     runs: list[Run] = []
     skipped: list[str] = []
-    steps = plan(selected, wanted, rounds, disks)
+    route_names = list(PROXY_ROUTES) if any(s.servers == "proxy" for s in selected) else []
+    steps = plan(selected, wanted, rounds, disks, route_names)
+    tls_files = None
     try:
         shim = None
         try:
@@ -592,8 +839,17 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"bench: {e}")
                 return 2
             log(f"bench: {e}; no sync counts")
+        if any(s.servers == "tls" for s in selected):
+            # One test CA per run; ccsmtp and Postfix get the same certificate, and then
+            # offer STARTTLS in every scenario (the others' clients never ask for it).
+            try:
+                tls_files = make_tls_files(base / "tls")
+            except BenchError as e:
+                log(f"bench: {e}: T is skipped")
+                skipped.append(f"T ({e})")
+                steps = [step for step in steps if step[1].servers != "tls"]
         for name in wanted:
-            target = TARGETS[name](base, shim, args.workers)
+            target = TARGETS[name](base, shim, args.workers, tls_files)
             try:
                 target.start(sorted({m for _, _, _, t, _, ms in steps if t == name for m in ms}))
             except BenchError as e:
@@ -604,6 +860,15 @@ def main(argv: list[str] | None = None) -> int:
             started[name] = target
             log(f"bench: {name} on {target.server} (pid {target.root_pid()})")
         targets = [t for t in wanted if t in started]
+        if route_names:
+            try:
+                routes, extras = start_proxy_routes(base, shim, log)
+            except BenchError as e:
+                log(f"bench: {e}: P is skipped")
+                skipped.append(f"P ({e})")
+                for extra in extras:
+                    extra.stop()
+                routes, extras = {}, []
         previous, current_disk = None, None
         for disk, s, client, name, rnd, mailboxes in steps:
             if disk != current_disk:
@@ -616,13 +881,15 @@ def main(argv: list[str] | None = None) -> int:
                 for target in started.values():
                     target.restart()
             previous = s
-            if name in started:
-                runs.append(run_one(s, client, started[name], rnd, mailboxes, disk))
+            target = routes.get(name) if s.servers == "proxy" else started.get(name)
+            if target is not None:
+                runs.append(run_one(s, client, target, rnd, mailboxes, disk,
+                                    str(tls_files.ca) if tls_files else None))
     except KeyboardInterrupt:
         log("bench: interrupted; stopping the servers")
         return 130
     finally:
-        for target in started.values():
+        for target in list(started.values()) + extras:
             target.stop()
         if args.keep:
             log(f"bench: kept {base}")
@@ -632,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     print(f"ccsmtp bench ({mode}, {rounds} round(s), {elapsed:.0f} s), "
           f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}, "
-          f"ccsmtp -w {args.workers}")
+          f"ccsmtp -w {args.workers}" + (f", servers on CPU {servers.SERVER_CPUS} and the "
+                                         f"load client on CPU {CLIENT_CPUS}" if args.pin else ""))
     for s in selected:
         print(f"  {s.key}: {s.title}; {s.count} msgs, {s.size} bytes")
     if skipped:
@@ -642,7 +910,20 @@ def main(argv: list[str] | None = None) -> int:
         print("Fast disk (the VM's own)" if disk == "fast" else
               f"Slow disk: every flush {disk_ms(disk):g} ms (bench/slowsync.c)")
         print()
-        print(table(runs, selected, targets, disk))
+        print(table(runs, selected, targets, disk, list(routes)))
+    tls = tls_table(runs, targets)
+    if tls:
+        print()
+        print("TLS (issue 8): ccsmtp-send, 1 KB, a new connection per message, 20 sessions; "
+              "plain, STARTTLS and smtps in the same round")
+        print()
+        print(tls)
+    proxy = proxy_table(runs)
+    if proxy:
+        print()
+        print("PROXY (issue 11): scenario A's load over four routes to ccsmtp -w 1 instances")
+        print()
+        print(proxy)
     print()
     print(LEGEND)
     if args.json_out:

@@ -74,6 +74,7 @@ class StreamSession(asyncio.Protocol):
         self._write_blocked = False
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
 
     # --- what a protocol's session fills in ---------------------------------------------
 
@@ -229,6 +230,11 @@ class StreamSession(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._linger is not None:
+            # The client closed within the linger: the timer must not keep the transport
+            # (a TLS one holds a 256 KiB read buffer) alive for the rest of it.
+            self._linger.cancel()
+            self._linger = None
         self.hooks.closed(self)
         if self._admitted:
             self.hooks.release(self.client_ip)
@@ -265,8 +271,8 @@ class StreamSession(asyncio.Protocol):
         else:
             transport.close()
         # abort, not close: close() waits for the output to drain, and a client that
-        # never reads would hold the connection for ever.
-        asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
+        # never reads would hold the connection for ever. _end() cancels it.
+        self._linger = asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
 
     def close_now(self) -> None:
         if self.transport is not None:
