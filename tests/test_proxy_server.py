@@ -148,6 +148,22 @@ def test_a_header_in_pieces_followed_at_once_by_commands(start_server):
     assert f"connect from [{CLIENT}]" in server.stderr()
 
 
+@pytest.mark.parametrize("header", [v1_header, v2_header], ids=["v1", "v2"])
+def test_a_header_and_a_whole_transaction_in_one_packet(start_server, header):
+    # Sent with the connection's first segment, the header is usually in the kernel's
+    # buffer before the session starts, and taken there at once: not one byte of the
+    # pipelined transaction behind it may go with it.
+    server = start_behind_proxy(start_server)
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(header() + b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n"
+                     b"RCPT TO:<alice@example.org>\r\nDATA\r\n"
+                     + make_message("<one-packet@test>") + b".\r\nQUIT\r\n")
+        said = recv_eof(sock, 5)
+    codes = [line[:4] for line in said.split(b"\r\n") if line and line[3:4] == b" "]
+    assert codes == [b"220 ", b"250 ", b"250 ", b"250 ", b"354 ", b"250 ", b"221 "], said
+    assert f"[{CLIENT}]" in received_of(server, "alice", "<one-packet@test>")
+
+
 @pytest.mark.parametrize("opening, why", [
     (b"EHLO c.test\r\n", "not a PROXY protocol header"),
     (b"PROXY TCP4 1.2.3.4\r\n", ""),
