@@ -454,7 +454,9 @@ class Log:
         self._set(_CUR_CAP, cap)
         return seg_id, base, cap
 
-    def _free_segments(self) -> list[tuple[int, int]]:
+    def _segment_files(self) -> list[tuple[int, int, bool, int]]:
+        """Every segment file of the log: (id, descriptor, header valid, base LSN),
+        base 0 for a free one. Files removed meanwhile are left out."""
         out = []
         for name in os.listdir(self.paths["log"]):
             if not name.startswith("seg."):
@@ -465,9 +467,12 @@ class Log:
                 ok, base = _segment_header(fd)
             except FileNotFoundError:
                 continue
-            if ok and base == 0:
-                out.append((seg_id, os.fstat(fd).st_size - HEADER_BYTES))
+            out.append((seg_id, fd, ok, base))
         return out
+
+    def _free_segments(self) -> list[tuple[int, int]]:
+        return [(seg_id, os.fstat(fd).st_size - HEADER_BYTES)
+                for seg_id, fd, ok, base in self._segment_files() if ok and base == 0]
 
     def sync(self, upto: int) -> None:
         """Return once everything before LSN upto is durable: as the leader (one
@@ -589,18 +594,8 @@ class Log:
 
     def segments(self) -> list[Segment]:
         """Segments in use, oldest first."""
-        out = []
-        for name in os.listdir(self.paths["log"]):
-            if not name.startswith("seg."):
-                continue
-            seg_id = int(name[4:], 16)
-            try:
-                fd = self.fd(seg_id)
-            except FileNotFoundError:
-                continue
-            ok, base = _segment_header(fd)
-            if ok and base:
-                out.append(Segment(seg_id, base, os.fstat(fd).st_size - HEADER_BYTES))
+        out = [Segment(seg_id, base, os.fstat(fd).st_size - HEADER_BYTES)
+               for seg_id, fd, ok, base in self._segment_files() if ok and base]
         return sorted(out, key=lambda s: s.base)
 
     def current_base(self) -> int:
