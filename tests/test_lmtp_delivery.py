@@ -48,7 +48,7 @@ from servers import Dovecot, dovecot, dovecot_factory, haproxy_factory, listenin
 QUEUE_TOOL = REPO / "bin" / "ccsmtp-queue"
 STATUS_TOOL = REPO / "bin" / "ccsmtp-status"
 KILL_SECONDS = float(os.environ.get("CCSMTP_LMTP_KILL_SECONDS", "8"))
-RECIPE_SECONDS = float(os.environ.get("CCSMTP_RECIPE_SECONDS", "8"))
+RECIPE_SECONDS = float(os.environ.get("CCSMTP_RECIPE_SECONDS", "20"))
 # What Dovecot's LMTP puts in front of a message it stores: Return-Path (RFC 2033 §4.2
 # leaves that to the server), Delivered-To (when the transaction had one recipient), and
 # its own Received (with continuation lines).
