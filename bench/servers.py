@@ -213,9 +213,10 @@ class Ccsmtp(Target):
     name = "ccsmtp"
     speaks_tls = True
 
-    def __init__(self, *args, proxy_from: str | None = None, **kwargs):
+    def __init__(self, *args, proxy_from: str | None = None, extra_config: str = "", **kwargs):
         super().__init__(*args, **kwargs)
         self.proxy_from = proxy_from      # a network whose connections carry a PROXY header
+        self.extra_config = extra_config  # more TOML lines (lmtp_bench.py: delivery = ...)
 
     def start(self, mailboxes: list[str]) -> None:
         self.mailboxes = mailboxes
@@ -228,7 +229,7 @@ class Ccsmtp(Target):
             text += f'tls_cert = "{self.tls.cert}"\ntls_key = "{self.tls.key}"\n'
         if self.proxy_from:
             text += f'proxy_from = ["{self.proxy_from}"]\n'
-        config.write_text(text)
+        config.write_text(text + self.extra_config)
         args = [sys.executable, str(REPO / "bin" / "ccsmtp-master"), "-w", str(self.workers),
                 "-l", self.server, "-s", str(self.spool), "-d", DOMAIN, "-c", str(config),
                 "--max-size", str(MAX_SIZE), "--hostname", "ccsmtp.bench.test",
