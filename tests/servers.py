@@ -281,6 +281,10 @@ class Dovecot:
             f.write(f"{user}:{{PLAIN}}{self.password}:{accounts.mail_uid}:{accounts.mail_gid}"
                     f"::{self.home(user)}\n")
         self.users = self.users + (user,)
+        # Dovecot looks at a passwd-file's stat at most once per wall-clock second
+        # (db-passwd-file.c: last_sync_time): a lookup in the second of the previous
+        # one would not see the new user. Return in the next second.
+        time.sleep(1.01 - time.time() % 1)
 
     def restart(self) -> None:
         """Start it again after stop(): same configuration, ports and mail."""
