@@ -21,10 +21,12 @@ in the segment that ends its handshake) is kept and given to the new session aft
 has begun. A failed handshake is one log line and a closed connection.
 
 PROXY (SPEC §11): a connection from a `proxy_from` network must start with a PROXY
-header, which is read before anything else and never again. It is read from the
-kernel's buffer with MSG_PEEK and only its own octets are taken, so whatever follows
-it (an SMTP command, a TLS ClientHello on an implicit-TLS listener) is left for the
-layer it belongs to. Missing, malformed, or incomplete after 5 s: one log line and
+header, which is read before anything else and never again. When it is in the
+kernel's buffer as the session starts (as HAProxy sends it) it is taken there with
+MSG_PEEK, only its own octets, so whatever follows it (an SMTP command, a TLS
+ClientHello on an implicit-TLS listener) is left for the layer it belongs to. A header
+that comes in pieces is read through data_received on plain listeners (what follows
+it is the session's first input) and peeked at on implicit-TLS ones. Missing, malformed, or incomplete after 5 s: one log line and
 the connection is closed without a greeting.
 """
 
@@ -75,6 +77,10 @@ class StreamSession(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        # A PROXY header that came in pieces, read through data_received (plain listeners).
+        self._proxy_parser: ProxyHeaderParser | None = None
+        self._proxy_timer: asyncio.TimerHandle | None = None
+        self._proxy_peeking = False       # implicit TLS: the header is peeked at, not read
 
     # --- what a protocol's session fills in ---------------------------------------------
 
@@ -151,6 +157,7 @@ class StreamSession(asyncio.Protocol):
         # here at once, with no pause, second reader or timer (A through HAProxy:
         # ~0.1 ms of CPU a connection less). The borrowed socket object is detached
         # before anything else can run, so it never closes the transport's descriptor.
+        proxy = self.client_ip
         borrowed = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
         try:
             outcome = self._take_proxy_header(borrowed, parser)
@@ -159,7 +166,7 @@ class StreamSession(asyncio.Protocol):
         if outcome is None:
             self._wait_for_proxy_header(parser)
         else:
-            self._proxy_header_done(outcome or None, self.client_ip)
+            self._proxy_header_done(outcome or None, proxy)
 
     def _take_proxy_header(self, raw: socket.socket, parser: ProxyHeaderParser) -> str | None:
         """Feed the parser what the kernel holds, taking only the header's octets:
@@ -185,18 +192,38 @@ class StreamSession(asyncio.Protocol):
         return ""
 
     def _wait_for_proxy_header(self, parser: ProxyHeaderParser) -> None:
-        """The header is not all there yet: wait for it (at most HEADER_TIMEOUT_S) on
-        a descriptor of our own, with the transport paused so that asyncio does not
-        read past it."""
+        """The header is not all there yet: wait for it, at most HEADER_TIMEOUT_S.
+
+        On a plain listener the transport reads as usual and data_received feeds the
+        parser; what follows the header in the same read is the session's first input.
+        On an implicit-TLS listener the octets after the header belong to the TLS
+        handshake, which asyncio must read itself: the transport is paused and the
+        header is peeked at on a descriptor of our own. (A pause made in
+        connection_made holds only from CPython 3.11.4, gh-103607; before that the
+        transport may read the handshake's first octets here too.)"""
         assert self.transport is not None
-        self.transport.pause_reading()
-        self._reading_paused = True
-        raw = self.transport.get_extra_info("socket").dup()
-        raw.setblocking(False)
         loop = asyncio.get_running_loop()
         proxy = self.client_ip
+        if not self.listener.implicit_tls:
+            self._proxy_parser = parser
+            self._proxy_timer = loop.call_later(HEADER_TIMEOUT_S, lambda: self._proxy_header_done(
+                f"incomplete after {HEADER_TIMEOUT_S:.0f} s", proxy))
+            return
+        transport = self.transport
+        transport.pause_reading()
+        self._reading_paused = True
+        # Before 3.11.4 asyncio starts reading after connection_made whatever it said;
+        # pausing again in the next turn stops it (resume_reading() then pause_reading()
+        # is what removes the reader there). Anything read meanwhile ends the session
+        # (data_received: _proxy_peeking).
+        loop.call_soon(lambda: self._ended or not self._proxy_peeking or
+                       (transport.resume_reading(), transport.pause_reading()))
+        self._proxy_peeking = True
+        raw = transport.get_extra_info("socket").dup()
+        raw.setblocking(False)
 
         def finish(problem: str | None) -> None:
+            self._proxy_peeking = False
             loop.remove_reader(raw.fileno())
             timer.cancel()
             raw.close()
@@ -211,7 +238,30 @@ class StreamSession(asyncio.Protocol):
             f"incomplete after {HEADER_TIMEOUT_S:.0f} s"))
         loop.add_reader(raw.fileno(), readable)
 
+    def _feed_proxy_header(self, data: bytes) -> None:
+        """Input while a plain listener's header is incomplete."""
+        assert self._proxy_parser is not None
+        result = self._proxy_parser.feed(data)
+        if isinstance(result, NeedMore):
+            return
+        proxy = self.client_ip
+        self._proxy_parser = None
+        if isinstance(result, ProxyError):
+            self._proxy_header_done(result.reason, proxy)
+            return
+        if result.source is not None:
+            self.client_ip = result.source.host
+        self._proxy_header_done(None, proxy)
+        if result.leftover and not self._ended:
+            self.data_received(bytes(result.leftover))
+
     def _proxy_header_done(self, problem: str | None, proxy: str) -> None:
+        self._proxy_parser = None
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+            self._proxy_timer = None
+        if self._ended:
+            return
         if problem is not None:
             self.log.warning("no valid PROXY header from proxy [%s]: %s", proxy, problem)
             self.abort()
@@ -229,6 +279,15 @@ class StreamSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._ended:
             return
+        if self._proxy_parser is not None:
+            self._guarded(lambda: self._feed_proxy_header(data))
+            return
+        if self._proxy_peeking:      # read past a header still being peeked at (see there)
+            self.log.warning("no valid PROXY header from proxy [%s]: input read before the "
+                             "header was complete", self.client_ip)
+            self.abort()
+            self._end(None)
+            return
         if self.handshaking:
             # The plain transport was paused in the turn the handshake began, so only
             # the TLS layer can call us now: with the client's first decrypted input,
@@ -239,6 +298,8 @@ class StreamSession(asyncio.Protocol):
         self._guarded(lambda: self.received(data))
 
     def eof_received(self) -> bool | None:
+        if self._proxy_parser is not None:
+            self._proxy_header_done("connection closed before the header", self.client_ip)
         return False   # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -261,6 +322,9 @@ class StreamSession(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+            self._proxy_timer = None
         if self._linger is not None:
             # The client closed within the linger: the timer must not keep the transport
             # (a TLS one holds a 256 KiB read buffer) alive for the rest of it.
