@@ -304,6 +304,8 @@ def test_a_large_message_in_chunks_is_spilled_to_disk_and_stored_intact(server):
         assert command(sock, b"QUIT").startswith(b"221 ")
     assert_stored(server, "large", content)
     assert os.listdir(tmp) == []
+    # The log's size counts the last chunk too (written into the spill file at commit).
+    assert f"nrcpt=1, size={len(content)}" in server.stderr()
 
 
 # --- timeout_data: a stalled DATA block or BDAT chunk (SPEC §5, §10) ---------------------

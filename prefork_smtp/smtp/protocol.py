@@ -388,9 +388,7 @@ class SMTPConnection:
     def _finish_message(self, reply: R.Reply) -> list[Event]:
         events: list[Event] = []
         self._abort_transaction(events, reply)
-        if self._shutting_down:
-            return events + self._close_with(R.SHUTTING_DOWN)
-        return events + self._process()
+        return events + self._process()      # (which says goodbye if shutting down)
 
     def _protocol_name(self) -> str:
         # RFC 3848 (ESMTPS) and RFC 6531 §3.7.3 (UTF8SMTP, UTF8SMTPS).
