@@ -12,8 +12,8 @@ FULL_SYNC_WAIT_S when the log is quiet; it asks at most every SYNC_BATCH_S. Only
 then are the copies written to the segment's done file, data files of large
 messages removed, and segments whose every copy is delivered handed back for reuse.
 
-A sink with deliver_message (LMTP) gets every due copy of one message at once (one
-transaction for all its recipients); its copies are durable at the server's 250, so
+A sink with deliver_messages (LMTP) gets every due copy of one message at once (one
+transaction for all its recipients, a few messages at a time); its copies are durable at the server's 250, so
 they leave the queue right after each message. A destination that cannot be reached
 defers everything for it until the sink's delay is up (1 s doubling to 30 s for
 LMTP): the workers keep accepting, the queue is the buffer, and the log says so
@@ -417,7 +417,9 @@ class Delivery:
     def _copies_due(self, budget: int) -> Iterator[tuple[SegmentState, Entry, list[Copy]]]:
         """Per message, oldest first, its copies that may go now, with its content
         (read when the message's turn comes: a per-message sink takes a round's worth
-        of a long queue, not all of it). Entries may be finished meanwhile."""
+        of a long queue, not all of it). Entries may be finished meanwhile, and
+        retry_at is read as it goes: a mailbox deferred earlier in the round is left
+        out from then on (its retry time is after this round's start)."""
         now = time.monotonic()
         if now < self.unreachable_until:
             return
@@ -464,10 +466,9 @@ class Delivery:
                 if self._quitting or now > ends or now < self.unreachable_until or \
                         (self._stop_by is not None and now > self._stop_by):
                     return
-                # A mailbox deferred by an earlier message of this round waits too.
-                copies = [c for c in copies if self.retry_at.get(c.mailbox, 0.0) <= now]
-                if copies:
-                    yield (state, entry, copies), copies
+                # (A mailbox deferred by an earlier message of this round is left out
+                # by _copies_due, which reads retry_at as it goes.)
+                yield (state, entry, copies), copies
 
         def settle(key: Key, outcomes: list[Outcome]) -> None:
             state, entry, copies = key

@@ -122,15 +122,10 @@ def load(spool_dir: str, name: str) -> FailedCopy:
     line_end = payload.index(b"\n")
     env_len, _ = (int(n) for n in payload[:line_end].split())
     content_offset = meta_end + 1 + line_end + 1 + env_len
-    message = queue.decode_payload(_without_content(payload, line_end, env_len),
-                                   with_content=False)
+    # HEAD_READ holds the envelope, not all the content: decode only the envelope.
+    message = queue.decode_payload(payload, with_content=False)
     return FailedCopy(name, meta["id"], meta["mailbox"], meta["recipient"], meta["failed_at"],
                       meta["reason"], meta.get("destination", ""), message, content_offset)
-
-
-def _without_content(payload: bytes, line_end: int, env_len: int) -> bytes:
-    """The payload's head with a content length of 0, so decode_payload reads only it."""
-    return b"%d 0\n" % env_len + payload[line_end + 1:line_end + 1 + env_len]
 
 
 def listing(spool_dir: str) -> list[FailedCopy]:

@@ -36,9 +36,11 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-def lock_ofd(fd: int, *, wait: bool, shared: bool = False) -> None:
-    """Lock the whole file with an open-file-description lock: a write lock, or
-    with shared a read lock (readers share it; it excludes writers).
+def lock_ofd(fd: int, *, wait: bool, shared: bool = False, start: int = 0,
+             length: int = 0) -> None:
+    """Lock the whole file (or length bytes from start) with an open-file-description
+    lock: a write lock, or with shared a read lock (readers share it; it excludes
+    writers).
 
     Unlike classic POSIX locks these belong to the open file, not the process, so
     threads and processes of one program exclude each other instead of failing with
@@ -46,13 +48,19 @@ def lock_ofd(fd: int, *, wait: bool, shared: bool = False) -> None:
     Without wait, raises BlockingIOError if someone else holds a conflicting lock.
     """
     kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
-    request = struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0)
+    request = struct.pack(_FLOCK, kind, os.SEEK_SET, start, length, 0)
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EAGAIN):
             raise BlockingIOError(e.errno, "file is locked") from None
         raise
+
+
+def unlock_ofd(fd: int, *, start: int = 0, length: int = 0) -> None:
+    """Release an open-file-description lock taken with lock_ofd."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET,
+                                                   start, length, 0))
 
 
 

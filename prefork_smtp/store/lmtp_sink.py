@@ -104,12 +104,6 @@ class LMTPSink:
                               lambda i, outcomes: out.extend(outcomes))
         return out + [deferred("not handed over", 0.0)] * (len(copies) - len(out))
 
-    def deliver_message(self, copies: list[Copy]) -> list[Outcome]:
-        """Every copy of one message (one per mailbox), in one transaction."""
-        out: list[Outcome] = []
-        self.deliver_messages(iter([(0, copies)]), lambda _, outcomes: out.extend(outcomes))
-        return out
-
     def deliver_messages(self, messages: Iterator[tuple[K, list[Copy]]],
                          settle: Callable[[K, list[Outcome]], None]) -> None:
         """Hand over the messages of the iterator (key, every due copy of one message),
@@ -186,21 +180,22 @@ class LMTPSink:
             envelope, queue_id=message.queue_id,
             recipient=copies[0].recipient if len(copies) == 1 else None,
             received_at=message.received_at, hostname=self.config.hostname)
+        head = received.encode("utf-8")     # an SMTPUTF8 recipient may be in it
         try:
             pieces = queue.content_pieces(self.config.spool_dir, message)
             first = next(pieces, b"")
             if not self.config.smtputf8 and needs_smtputf8(envelope.protocol,
                                                            envelope.mail_from,
-                                                           received.encode() + first):
+                                                           head + first):
                 return failed("the message needs SMTPUTF8 (the client used it and the sender "
                               "or a header is not ASCII), and smtputf8 = false says the LMTP "
                               "server does not take it")
-            content = itertools.chain([received.encode("utf-8")],
+            content = itertools.chain([head],
                                       mbox.without_state_headers(itertools.chain([first], pieces)))
             return client.deliver(
                 envelope.mail_from, [self.rcpt_to(copy) for copy in copies], content,
                 body=envelope.body, smtputf8=envelope.protocol.upper().startswith("UTF8"),
-                size=len(received) + message.size)
+                size=len(head) + message.size)
         except OSError as e:
             # The content (a large message's data file) cannot be read.
             return deferred(f"cannot read the queued message: {e.strerror or e}", ERROR_RETRY_S)

@@ -61,7 +61,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
-import fcntl
 import json
 import mmap
 import os
@@ -73,7 +72,7 @@ from typing import Iterable, Iterator
 
 from ..layout import state_path
 from .envelope import Envelope, Recipient
-from .fsutil import fsync_dir, unlink_quietly, write_all
+from .fsutil import fsync_dir, lock_ofd, unlink_quietly, unlock_ofd, write_all
 
 HEADER_BYTES = 4096
 SEGMENT_BYTES = 8 << 20            # capacity of a new segment; smaller ones when space is short
@@ -95,7 +94,6 @@ _PREV_BATCH = 120
 _U64 = struct.Struct("<Q")
 # Byte-range OFD locks on the control file.
 APPEND_LOCK, SYNC_LOCK = 0, 1
-_FLOCK = "hhqqi4x"
 
 # Group commit across workers: when the device is slow and the last flush carried
 # several records, the leader waits a little for the sessions it just acknowledged to
@@ -180,13 +178,16 @@ def payload_head(message: QueuedMessage, content_len: int) -> bytes:
 
 def decode_payload(payload: bytes | memoryview, lsn: int = 0,
                    with_content: bool = True) -> QueuedMessage:
-    payload = bytes(payload) if isinstance(payload, memoryview) else payload
-    line_end = payload.index(b"\n")
-    env_len, content_len = (int(n) for n in payload[:line_end].split())
+    # Slices of a view copy nothing: only the envelope, and the content when it is
+    # wanted, are copied out (the record may hold up to 1 MiB of content).
+    view = memoryview(payload)
+    head = bytes(view[:48])          # "ENV_LEN CONTENT_LEN\n": a few octets
+    line_end = head.index(b"\n")
+    env_len, content_len = (int(n) for n in head[:line_end].split())
     env_start = line_end + 1
     content_start = env_start + env_len
-    fields = json.loads(payload[env_start:content_start])
-    content = payload[content_start:content_start + content_len] if with_content else b""
+    fields = json.loads(bytes(view[env_start:content_start]))
+    content = bytes(view[content_start:content_start + content_len]) if with_content else b""
     if with_content and len(content) != content_len:
         raise ValueError("truncated record")
     return QueuedMessage(
@@ -344,27 +345,15 @@ class Log:
         return self._get(_SYNCED)
 
     @property
-    def end(self) -> int:
-        return self._get(_END)
-
-    @property
     def flush_s(self) -> float:
         """How long flushes have taken lately (a moving average)."""
         return self._get(_FLUSH_US) / 1e6
 
-    def _lock(self, which: int, wait: bool = True) -> bool:
-        request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, which, 1, 0)
-        try:
-            fcntl.fcntl(self._ctl_fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+    def _lock(self, which: int) -> None:
+        lock_ofd(self._ctl_fd, wait=True, start=which, length=1)
 
     def _unlock(self, which: int) -> None:
-        request = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, which, 1, 0)
-        fcntl.fcntl(self._ctl_fd, fcntl.F_OFD_SETLK, request)
+        unlock_ofd(self._ctl_fd, start=which, length=1)
 
     def fd(self, seg_id: int) -> int:
         fd = self._fds.get(seg_id)
@@ -845,8 +834,7 @@ class QueuedCopy:
     size: int
     sender: str
     recipients: tuple[Recipient, ...]     # the copies not yet delivered
-    segment: int                          # base of its segment, for remove_copy
-    lsn: int
+    segment: int                          # base of its segment, for mark_done
 
 
 def queued(spool_dir: str) -> list[QueuedCopy]:
@@ -873,7 +861,7 @@ def queued(spool_dir: str) -> list[QueuedCopy]:
                     if left:
                         out.append(QueuedCopy(message.queue_id, message.received_at, message.size,
                                               message.envelope.mail_from, tuple(left),
-                                              segment.base, rec_lsn))
+                                              segment.base))
                 if not records:
                     break
         return out

@@ -6,8 +6,8 @@ be reached) or failed (reason) -- and its first implementation, MboxSink: all co
 for one mailbox in one locked mboxrd append (mbox.py), recovery of appends cut short
 by a crash, and finding copies a crashed predecessor had already appended. A sink
 that hands over a message rather than a mailbox's copies (LMTP: one transaction with
-every recipient, lmtp_sink.py) also has deliver_message(copies), which delivery then
-uses instead.
+every recipient, lmtp_sink.py) also has deliver_messages(messages, settle), which
+delivery then uses instead.
 Must not: touch the queue; delivery decides what leaves it and when.
 
 A sink whose deliveries are durable when deliver() returns (LMTP: the server said

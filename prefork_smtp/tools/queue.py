@@ -50,6 +50,7 @@ from typing import Any, NoReturn, Sequence
 
 from ..config import ConfigError, build
 from ..layout import DEFAULT_SPOOL, DELIVERY_LOCK, STATE_DIR, state_path
+from ..process import privileges
 from ..store import delivery_state, failed, queue
 from ..store.fsutil import lock_ofd
 
@@ -109,9 +110,10 @@ def become_spool_owner(spool: str) -> None:
                       "run with this spool?)") from None
     if st.st_uid == 0:
         return
-    os.setgroups([])
-    os.setgid(st.st_gid)
-    os.setuid(st.st_uid)
+    try:
+        privileges.drop(privileges.Identity("", st.st_uid, st.st_gid))
+    except privileges.PrivilegeError as e:
+        raise Failure(str(e)) from None
 
 
 def check_queue(spool: str) -> None:
@@ -293,6 +295,7 @@ def delete(spool: str, ids: Sequence[str]) -> dict[str, Any]:
     queued_now = queue.queued(spool)
     copies = failed.listing(spool)
     done: list[dict[str, str]] = []
+    removed: set[tuple[str, str]] = set()
     for (queue_id, mailbox), text in zip(wanted, ids):
         found = False
         for entry in queued_now:
@@ -300,7 +303,12 @@ def delete(spool: str, ids: Sequence[str]) -> dict[str, Any]:
                 continue
             for rcpt in entry.recipients:
                 if (mailbox is None or rcpt.mailbox == mailbox) and \
-                        queue.remove_copy(spool, queue_id, rcpt.mailbox):
+                        (queue_id, rcpt.mailbox) not in removed:
+                    # The listing above is what delivery had left: no second scan of
+                    # the log per copy (queue.remove_copy's) is needed.
+                    queue.mark_done(spool, entry.segment, [(queue_id, rcpt.mailbox)],
+                                    removed=True)
+                    removed.add((queue_id, rcpt.mailbox))
                     done.append({"id": queue_id, "mailbox": rcpt.mailbox, "where": "queue"})
                     found = True
         for copy in copies:
