@@ -60,32 +60,48 @@ def test_the_client_address_behind_haproxy_counts(start_server, haproxy_factory,
     assert f"connect from [{CLIENT}]" in server.stderr()
 
 
-def test_implicit_tls_behind_haproxy(start_server, haproxy_factory, tmp_path):
-    import trustme
-    ca = trustme.CA()
-    cert = ca.issue_cert("mx.test")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    for path in (cert_path, key_path):
-        path.chmod(0o644)
-    tmp_path.chmod(0o755)
+def start_smtps_behind_proxy(start_server, tls_files):
+    """Behind PROXY with the test certificate and an smtps listener (server.smtps_port)."""
     smtps_port = _free_port()
-    server = start_behind_proxy(
-        start_server, f'tls_cert = "{cert_path}"\ntls_key = "{key_path}"\n',
-        extra_args=["-l", f"smtps://127.0.0.1:{smtps_port}"])
-    proxy = haproxy_factory([("127.0.0.1", smtps_port)], "v2")
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
+    server = start_behind_proxy(start_server, tls_files.config(),
+                                extra_args=["-l", f"smtps://127.0.0.1:{smtps_port}"])
+    server.smtps_port = smtps_port
+    return server
+
+
+def send_over_tls(tls: ssl.SSLSocket, message_id: str) -> None:
+    assert recv_reply(tls).startswith(b"220 ")
+    tls.sendall(f"EHLO c.test\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<alice@{DOMAIN}>\r\n"
+                "DATA\r\n".encode())
+    assert [recv_reply(tls)[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+    tls.sendall(make_message(message_id) + b".\r\nQUIT\r\n")
+    assert recv_reply(tls).startswith(b"250 2.0.0 Ok: queued")
+
+
+def test_implicit_tls_behind_haproxy(start_server, haproxy_factory, tls_files):
+    server = start_smtps_behind_proxy(start_server, tls_files)
+    proxy = haproxy_factory([("127.0.0.1", server.smtps_port)], "v2")
     raw = socket.create_connection((proxy.host, proxy.port), source_address=(CLIENT, 0), timeout=10)
-    with context.wrap_socket(raw, server_hostname="mx.test") as tls:
-        assert recv_reply(tls).startswith(b"220 ")
-        tls.sendall(f"EHLO c.test\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<alice@{DOMAIN}>\r\n"
-                    "DATA\r\n".encode())
-        assert [recv_reply(tls)[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
-        tls.sendall(make_message("<proxied-tls@test>") + b".\r\nQUIT\r\n")
-        assert recv_reply(tls).startswith(b"250 2.0.0 Ok: queued")
+    with tls_files.client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+        send_over_tls(tls, "<proxied-tls@test>")
     received = received_of(server, "alice", "<proxied-tls@test>")
+    assert f"[{CLIENT}]" in received and "with ESMTPS" in received
+
+
+def test_implicit_tls_after_a_header_in_pieces(start_server, tls_files):
+    # The header comes after the session has started (the peek waits for it) and in
+    # pieces; the ClientHello right behind it must reach TLS untouched.
+    server = start_smtps_behind_proxy(start_server, tls_files)
+    header = v2_header()
+    raw = socket.create_connection((server.host, server.smtps_port), timeout=10)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    time.sleep(0.2)
+    for i in range(0, len(header), 5):
+        raw.sendall(header[i:i + 5])
+        time.sleep(0.05)
+    with tls_files.client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+        send_over_tls(tls, "<pieces-tls@test>")
+    received = received_of(server, "alice", "<pieces-tls@test>")
     assert f"[{CLIENT}]" in received and "with ESMTPS" in received
 
 

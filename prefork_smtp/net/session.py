@@ -21,12 +21,11 @@ in the segment that ends its handshake) is kept and given to the new session aft
 has begun. A failed handshake is one log line and a closed connection.
 
 PROXY (SPEC §11): a connection from a `proxy_from` network must start with a PROXY
-header, which is read before anything else and never again. When it is in the
-kernel's buffer as the session starts (as HAProxy sends it) it is taken there with
-MSG_PEEK, only its own octets, so whatever follows it (an SMTP command, a TLS
-ClientHello on an implicit-TLS listener) is left for the layer it belongs to. A header
-that comes in pieces is read through data_received on plain listeners (what follows
-it is the session's first input) and peeked at on implicit-TLS ones. Missing, malformed, or incomplete after 5 s: one log line and
+header, which is read before anything else and never again. On plain listeners it
+comes through data_received like any input, and what follows it in the same read is
+the session's first input. On implicit-TLS listeners what follows it is the TLS
+handshake's, which asyncio must read itself: there the header is peeked at with
+MSG_PEEK and only its own octets are taken. Missing, malformed, or incomplete after 5 s: one log line and
 the connection is closed without a greeting.
 """
 
@@ -36,12 +35,13 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import sys
 from typing import Callable
 
 from ..config import Config, ListenAddress
 from ..service import SessionHooks, WorkerContext
-from .proxy import (HEADER_TIMEOUT_S, V2_FIXED_LENGTH, V2_MAX_HEADER, NeedMore, ProxyError,
-                    ProxyHeaderParser, from_proxy)
+from .proxy import (HEADER_TIMEOUT_S, NEED_MORE, V2_FIXED_LENGTH, V2_MAX_HEADER, NeedMore,
+                    ProxyError, ProxyHeaderParser, Result, from_proxy)
 from .tcp import stream_transport
 from .tls import TLSInfo, describe
 
@@ -80,7 +80,6 @@ class StreamSession(asyncio.Protocol):
         # A PROXY header that came in pieces, read through data_received (plain listeners).
         self._proxy_parser: ProxyHeaderParser | None = None
         self._proxy_timer: asyncio.TimerHandle | None = None
-        self._proxy_peeking = False       # implicit TLS: the header is peeked at, not read
 
     # --- what a protocol's session fills in ---------------------------------------------
 
@@ -149,126 +148,122 @@ class StreamSession(asyncio.Protocol):
 
     def _read_proxy_header(self) -> None:
         assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
         parser = ProxyHeaderParser()
-        # connection_made runs before the transport starts reading (asyncio adds its
-        # reader in the next turn), and HAProxy sends the header with its first
-        # segment: it is usually in the kernel's buffer already. Then it is taken
-        # here at once, with no pause, second reader or timer (A through HAProxy:
-        # ~0.1 ms of CPU a connection less). The borrowed socket object is detached
-        # before anything else can run, so it never closes the transport's descriptor.
-        proxy = self.client_ip
+        loop = asyncio.get_running_loop()
+        if not self.listener.implicit_tls:
+            # The transport reads as usual and data_received feeds the parser; what
+            # follows the header in the same read is the session's first input.
+            self._proxy_parser = parser
+            self._proxy_timer = loop.call_later(HEADER_TIMEOUT_S, self._proxy_header_late)
+            return
+        # Implicit TLS: the octets after the header are the handshake's, which asyncio
+        # must read itself, so the header is peeked at and only its octets taken.
+        # connection_made runs before the transport starts reading, and HAProxy sends
+        # the header with its first segment: it is usually there already. The borrowed
+        # socket object is detached before anything else runs, so it never closes the
+        # transport's descriptor.
+        sock = self.transport.get_extra_info("socket")
         borrowed = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
         try:
-            outcome = self._take_proxy_header(borrowed, parser)
+            result = self._peek_proxy_header(borrowed, parser)
         finally:
             borrowed.detach()
-        if outcome is None:
+        if not self._proxy_result(result):
             self._wait_for_proxy_header(parser)
-        else:
-            self._proxy_header_done(outcome or None, proxy)
 
-    def _take_proxy_header(self, raw: socket.socket, parser: ProxyHeaderParser) -> str | None:
-        """Feed the parser what the kernel holds, taking only the header's octets:
-        "" when the header is complete (client_ip set), a problem, or None when more
-        must come."""
+    def _peek_proxy_header(self, raw: socket.socket, parser: ProxyHeaderParser) -> Result:
+        """Feed the parser what the kernel holds, taking only the header's octets."""
         try:
             data = raw.recv(V2_FIXED_LENGTH + V2_MAX_HEADER, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return None
+            return NEED_MORE
         except OSError as e:
-            return f"connection error: {e.strerror}"
+            return ProxyError(f"connection error: {e.strerror}")
         if not data:
-            return "connection closed before the header"
+            return ProxyError("connection closed before the header")
         result = parser.feed(data)
         if isinstance(result, NeedMore):
             raw.recv(len(data))          # all of it is header: take it, wait for more
-            return None
-        if isinstance(result, ProxyError):
-            return result.reason
-        raw.recv(len(data) - len(result.leftover))   # the header, not one byte more
-        if result.source is not None:
-            self.client_ip = result.source.host
-        return ""
+        elif not isinstance(result, ProxyError):
+            raw.recv(len(data) - len(result.leftover))   # the header, not one byte more
+        return result
 
     def _wait_for_proxy_header(self, parser: ProxyHeaderParser) -> None:
-        """The header is not all there yet: wait for it, at most HEADER_TIMEOUT_S.
-
-        On a plain listener the transport reads as usual and data_received feeds the
-        parser; what follows the header in the same read is the session's first input.
-        On an implicit-TLS listener the octets after the header belong to the TLS
-        handshake, which asyncio must read itself: the transport is paused and the
-        header is peeked at on a descriptor of our own. (A pause made in
-        connection_made holds only from CPython 3.11.4, gh-103607; before that the
-        transport may read the handshake's first octets here too.)"""
+        """An implicit-TLS listener's header is not all there yet: peek at it on a
+        descriptor of our own while the transport is paused, at most HEADER_TIMEOUT_S."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
-        proxy = self.client_ip
-        if not self.listener.implicit_tls:
-            self._proxy_parser = parser
-            self._proxy_timer = loop.call_later(HEADER_TIMEOUT_S, lambda: self._proxy_header_done(
-                f"incomplete after {HEADER_TIMEOUT_S:.0f} s", proxy))
-            return
         transport = self.transport
         transport.pause_reading()
         self._reading_paused = True
-        # Before 3.11.4 asyncio starts reading after connection_made whatever it said;
-        # pausing again in the next turn stops it (resume_reading() then pause_reading()
-        # is what removes the reader there). Anything read meanwhile ends the session
-        # (data_received: _proxy_peeking).
-        loop.call_soon(lambda: self._ended or not self._proxy_peeking or
-                       (transport.resume_reading(), transport.pause_reading()))
-        self._proxy_peeking = True
         raw = transport.get_extra_info("socket").dup()
         raw.setblocking(False)
+        if sys.version_info < (3, 11, 4):
+            # gh-103607: asyncio starts reading after connection_made whatever it was
+            # told; resume_reading() then pause_reading() in the next turn removes the
+            # reader again (before any read it may have queued runs).
+            loop.call_soon(lambda: self._ended or raw.fileno() < 0 or
+                           (transport.resume_reading(), transport.pause_reading()))
 
-        def finish(problem: str | None) -> None:
-            self._proxy_peeking = False
+        def finish() -> None:
             loop.remove_reader(raw.fileno())
+            self._proxy_timer = None
             timer.cancel()
             raw.close()
-            self._proxy_header_done(problem, proxy)
 
         def readable() -> None:
-            outcome = self._take_proxy_header(raw, parser)
-            if outcome is not None:
-                finish(outcome or None)
+            result = self._peek_proxy_header(raw, parser)
+            if not isinstance(result, NeedMore):
+                finish()
+                self._proxy_result(result)
 
-        timer = loop.call_later(HEADER_TIMEOUT_S, lambda: finish(
-            f"incomplete after {HEADER_TIMEOUT_S:.0f} s"))
+        def late() -> None:
+            finish()
+            self._proxy_header_late()
+
+        timer = loop.call_later(HEADER_TIMEOUT_S, late)
         loop.add_reader(raw.fileno(), readable)
 
     def _feed_proxy_header(self, data: bytes) -> None:
-        """Input while a plain listener's header is incomplete."""
+        """Input on a plain listener while its header is incomplete."""
         assert self._proxy_parser is not None
         result = self._proxy_parser.feed(data)
-        if isinstance(result, NeedMore):
-            return
-        proxy = self.client_ip
-        self._proxy_parser = None
-        if isinstance(result, ProxyError):
-            self._proxy_header_done(result.reason, proxy)
-            return
-        if result.source is not None:
-            self.client_ip = result.source.host
-        self._proxy_header_done(None, proxy)
-        if result.leftover and not self._ended:
+        if self._proxy_result(result) and not isinstance(result, ProxyError) \
+                and result.leftover and not self._ended:
             self.data_received(bytes(result.leftover))
 
-    def _proxy_header_done(self, problem: str | None, proxy: str) -> None:
+    def _proxy_result(self, result: Result) -> bool:
+        """Act on what the parser said: False while more must come."""
+        if isinstance(result, NeedMore):
+            return False
+        if isinstance(result, ProxyError):
+            self._proxy_header_done(result.reason)
+        else:
+            self._proxy_header_done(None, result.source.host if result.source else None)
+        return True
+
+    def _proxy_header_late(self) -> None:
+        self._proxy_header_done(f"incomplete after {HEADER_TIMEOUT_S:.0f} s")
+
+    def _proxy_header_done(self, problem: str | None, client: str | None = None) -> None:
+        """The header is read (client: the address in it, None for LOCAL and the like)
+        or cannot be (problem): log, then open the session or close."""
         self._proxy_parser = None
         if self._proxy_timer is not None:
             self._proxy_timer.cancel()
             self._proxy_timer = None
         if self._ended:
             return
+        proxy = self.client_ip
         if problem is not None:
             self.log.warning("no valid PROXY header from proxy [%s]: %s", proxy, problem)
             self.abort()
             self._end(None)
-        else:
-            self.log.debug("PROXY header from [%s]: client [%s]", proxy, self.client_ip)
-            self._guarded(self._open)
+            return
+        if client is not None:
+            self.client_ip = client
+        self.log.debug("PROXY header from [%s]: client [%s]", proxy, self.client_ip)
+        self._guarded(self._open)
 
     def _refuse(self, why: str) -> None:
         assert self.transport is not None
@@ -282,12 +277,6 @@ class StreamSession(asyncio.Protocol):
         if self._proxy_parser is not None:
             self._guarded(lambda: self._feed_proxy_header(data))
             return
-        if self._proxy_peeking:      # read past a header still being peeked at (see there)
-            self.log.warning("no valid PROXY header from proxy [%s]: input read before the "
-                             "header was complete", self.client_ip)
-            self.abort()
-            self._end(None)
-            return
         if self.handshaking:
             # The plain transport was paused in the turn the handshake began, so only
             # the TLS layer can call us now: with the client's first decrypted input,
@@ -299,7 +288,7 @@ class StreamSession(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self._proxy_parser is not None:
-            self._proxy_header_done("connection closed before the header", self.client_ip)
+            self._proxy_header_done("connection closed before the header")
         return False   # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
