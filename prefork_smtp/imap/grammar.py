@@ -196,13 +196,6 @@ class _Reader:
             self.fail("expected a string or an atom")
         return value
 
-    def nil_or_astring(self) -> bytes | None:
-        start = self.pos
-        value = self.astring()
-        if value.upper() == b"NIL" and self.data[start:start + 1] not in (b'"', b"{"):
-            return None
-        return value
-
     def mailbox(self) -> str:
         return _mailbox_name(self.astring(), self)
 

@@ -172,9 +172,9 @@ def updates(box: SelectedMailbox, allow_expunge: bool) -> Iterator[bytes]:
         yield b"".join(out)
 
 
-def poll(box: SelectedMailbox, allow_expunge: bool = True) -> Command:
+def poll(box: SelectedMailbox) -> Command:
     """NOOP, CHECK and IDLE: report what changed."""
-    yield from updates(box, allow_expunge)
+    yield from updates(box, allow_expunge=True)
     return Outcome(R.OK, OK_DONE)
 
 

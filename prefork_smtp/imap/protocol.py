@@ -25,7 +25,6 @@ or from loopback (SPEC §9); otherwise LOGINDISABLED and NO [PRIVACYREQUIRED].
 
 from __future__ import annotations
 
-import binascii
 import dataclasses
 import enum
 import re
